@@ -1,0 +1,25 @@
+# One-line targets; `make demo` and `make test` do all set-up on a fresh machine.
+PY ?= python
+DEMO := .cache/demo
+
+.PHONY: setup demo test lint fmt bench-convert
+
+setup:  ## build-time + dev install (torch CPU build from this machine's disk), the CLIP vocabulary wheel
+	$(PY) -m pip install -q -e '.[convert,dev]'
+	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
+
+demo: setup  ## tiny random-weight SDXL -> OpenVINO -> demo.png
+	$(PY) -m convert.demo --out $(DEMO)
+
+test: setup  ## lint + the whole suite (includes the torch-free runtime check)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+fmt:
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
+
+bench-convert:  ## full-size random-weight conversions: time, peak RSS, IR size per submodel
+	$(PY) -m benchmarks.convert_real

@@ -1,0 +1,62 @@
+"""python -m convert SOURCE OUTPUT: an SDXL-family checkpoint -> an OpenVINO model folder, one IR per submodel."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from convert.errors import ConvertError
+
+EPILOG = """
+weight formats:
+  fp16  weights stored as f16 (default); OpenVINO computes in f32/bf16 as the device prefers
+  fp32  weights stored as f32 (parity tests)
+  int8  NNCF 8-bit asymmetric weight compression of every MatMul/Convolution/Embedding
+  int4  NNCF 4-bit symmetric compression of MatMul weights in groups of 64; embeddings, convolutions and
+        the last layer stay in int8 (NNCF's backup mode)
+
+examples:
+  python -m convert ./stable-diffusion-xl-base-1.0 ./sdxl-base-ov
+  python -m convert ./sd_xl_base_1.0.safetensors ./sdxl-base-ov --config ./sdxl-base-diffusers-configs
+  python -m convert stabilityai/stable-diffusion-xl-base-1.0 ./sdxl-base-ov --weight-format int8
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m convert",
+        description="Convert an SDXL-family checkpoint (diffusers folder, single .safetensors file or hub id) "
+        "into an OpenVINO model folder.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", help="diffusers folder (model_index.json), .safetensors file, or hub id")
+    p.add_argument("output", type=Path, help="the model folder to write (must not exist unless --overwrite)")
+    p.add_argument("--weight-format", choices=["fp16", "fp32", "int8", "int4"], default="fp16")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--config", help="single-file source: a diffusers folder (or hub id) to take the configs from")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        from convert.pipeline import convert_pipeline
+
+        convert_pipeline(
+            args.source,
+            args.output,
+            weight_format=args.weight_format,
+            overwrite=args.overwrite,
+            config=args.config,
+            log=print,
+        )
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

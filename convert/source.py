@@ -1,0 +1,178 @@
+"""Find and load an SDXL-family checkpoint: a local diffusers folder, a single .safetensors file, or a hub id."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from convert.errors import ConvertError
+
+SDXL_CLASSES = {
+    "StableDiffusionXLPipeline": "base",
+    "StableDiffusionXLImg2ImgPipeline": "refiner-or-base",
+    "LatentConsistencyModelPipeline": "base",
+}
+NOT_SDXL = {
+    "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
+    "StableDiffusionImg2ImgPipeline": "Stable Diffusion 1.x/2.x",
+    "StableDiffusionInpaintPipeline": "Stable Diffusion 1.x/2.x",
+    "StableDiffusionXLInpaintPipeline": "SDXL inpainting (9-channel UNet)",
+    "StableDiffusion3Pipeline": "Stable Diffusion 3",
+    "FluxPipeline": "FLUX",
+}
+COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
+
+
+@dataclass
+class Source:
+    kind: str  # "folder" | "single-file" | "hub"
+    location: str
+    model_index: dict
+    components: list[str] = field(default_factory=list)  # the ones present (not null) in model_index
+    config_dir: str | None = None  # single-file: diffusers configs to build the models from
+
+    @property
+    def is_refiner(self) -> bool:
+        return "text_encoder" not in self.components
+
+
+def _check_index(index: dict, where: str) -> list[str]:
+    cls = index.get("_class_name")
+    if cls in NOT_SDXL:
+        raise ConvertError(f"{where} is a {NOT_SDXL[cls]} checkpoint ({cls}), not an SDXL-family one")
+    if cls not in SDXL_CLASSES:
+        raise ConvertError(f"{where}: unknown pipeline class {cls!r}; expected one of {', '.join(SDXL_CLASSES)}")
+    present = [c for c in COMPONENTS if isinstance(index.get(c), list) and index[c][0] is not None]
+    for needed in ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"):
+        if needed not in present:
+            raise ConvertError(f"{where}: model_index.json has no {needed}; not an SDXL-family pipeline")
+    return present
+
+
+def resolve(source: str, config: str | None = None) -> Source:
+    path = Path(source)
+    if path.is_dir():
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise ConvertError(f"{source}: no model_index.json; not a diffusers pipeline folder")
+        try:
+            index = json.loads(index_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConvertError(f"{index_file}: unreadable ({e})") from None
+        present = _check_index(index, source)
+        for name in present:
+            sub = path / name
+            if not sub.is_dir() or not any(sub.iterdir()):
+                raise ConvertError(f"{source}: {name}/ is missing or empty (model_index.json lists it)")
+            if name not in ("tokenizer", "tokenizer_2", "scheduler") and not _has_weights(sub):
+                raise ConvertError(f"{source}: {name}/ has no weights file (partial download?)")
+        return Source("folder", str(path), index, present)
+    if path.suffix in (".safetensors", ".ckpt"):
+        if not path.is_file():
+            raise ConvertError(f"{source}: no such file")
+        if config is None:
+            # diffusers would fetch the configs of the detected model type from the hub.
+            index = {"_class_name": "StableDiffusionXLPipeline"}
+        else:
+            index = resolve(config).model_index
+        present = _check_index(index, config or source)
+        return Source("single-file", str(path), index, present, config_dir=config)
+    if path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
+        raise ConvertError(f"{source}: not a diffusers folder, a .safetensors file or a hub id (org/name)")
+    return _resolve_hub(source)
+
+
+def _has_weights(sub: Path) -> bool:
+    return any(sub.glob("*.safetensors")) or any(sub.glob("*.bin")) or any(sub.glob("*.safetensors.index.json"))
+
+
+def _resolve_hub(repo_id: str) -> Source:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text())
+    except Exception as e:  # no network here; a user with internet gets the real thing
+        raise ConvertError(f"{repo_id}: could not fetch model_index.json from the hub ({type(e).__name__})") from None
+    return Source("hub", repo_id, index, _check_index(index, repo_id))
+
+
+class Loader:
+    """Loads one torch component at a time; single files are loaded once as a pipeline and handed out."""
+
+    def __init__(self, source: Source, dtype):
+        self.source, self.dtype, self._pipe = source, dtype, None
+
+    def load(self, name: str):
+        if self.source.kind == "single-file":
+            return self._from_single_file(name)
+        loc = self.source.location
+        if name == "unet":
+            from diffusers import UNet2DConditionModel as cls
+        elif name == "vae":
+            from diffusers import AutoencoderKL as cls
+        elif name == "text_encoder":
+            from transformers import CLIPTextModel as cls
+        elif name == "text_encoder_2":
+            from transformers import CLIPTextModelWithProjection as cls
+        else:
+            raise ValueError(name)
+        try:
+            model, info = cls.from_pretrained(loc, subfolder=name, dtype=self.dtype, output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConvertError(f"{loc}: cannot load {name}: {first}") from None
+        missing = list(info.get("missing_keys", []))
+        mismatched = list(info.get("mismatched_keys", []))
+        if missing or mismatched:
+            # Never convert a silently re-initialised model (e.g. CLIP keys saved without `text_model.`).
+            bad = (missing or mismatched)[0]
+            raise ConvertError(
+                f"{loc}: {name} weights do not match its config: {len(missing)} missing, "
+                f"{len(mismatched)} mismatched keys (first: {bad})"
+            )
+        return model.eval()
+
+    def _from_single_file(self, name: str):
+        model = getattr(self._load_pipe_for_configs(), name)
+        setattr(self._pipe, name, None)  # the caller frees it after export
+        return model.eval()
+
+    def _load_pipe_for_configs(self):
+        if self._pipe is None:
+            from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+            cls = StableDiffusionXLImg2ImgPipeline if self.source.is_refiner else StableDiffusionXLPipeline
+            kwargs = {"torch_dtype": self.dtype}
+            if self.source.config_dir:
+                kwargs["config"] = self.source.config_dir
+            try:
+                self._pipe = cls.from_single_file(self.source.location, **kwargs)
+            except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConvertError(f"{self.source.location}: cannot load as SDXL single file: {first}") from None
+        return self._pipe
+
+    def scheduler_config(self) -> dict:
+        if self.source.kind == "single-file" and self._pipe is not None:
+            return dict(self._pipe.scheduler.config)
+        from diffusers import EulerDiscreteScheduler
+
+        loc = self.source.config_dir if self.source.kind == "single-file" else self.source.location
+        if loc is None:
+            return dict(self._load_pipe_for_configs().scheduler.config)
+        return dict(EulerDiscreteScheduler.load_config(loc, subfolder="scheduler"))
+
+    def tokenizer_dir(self, name: str) -> Path:
+        loc = self.source.config_dir if self.source.kind == "single-file" else self.source.location
+        if loc is not None and Path(loc).is_dir():
+            return Path(loc) / name
+        if loc is None:  # single file with hub-fetched configs: save the pipeline's tokenizer
+            import tempfile
+
+            out = Path(tempfile.mkdtemp()) / name
+            getattr(self._load_pipe_for_configs(), name).save_pretrained(out)
+            return out
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(loc, allow_patterns=[f"{name}/*"])) / name

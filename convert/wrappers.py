@@ -1,0 +1,148 @@
+"""nn.Module shims whose traced inputs and outputs are exactly what the runtime calls.
+
+Input/output names follow what `optimum-cli export openvino` writes for SDXL, so either runtime loads
+either folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Spec:
+    """What to trace: the wrapper, example inputs (in forward order) and the IR names and dynamic dims."""
+
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    dynamic: dict[str, list[int]]  # input name -> partial shape with -1 for dynamic dims
+    outputs: list[str]
+
+
+class TextEncoder(torch.nn.Module):
+    """CLIPTextModel -> last_hidden_state, pooler_output, hidden_states.0..N (clip_skip needs them all)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+        return (out.last_hidden_state, out.pooler_output, *out.hidden_states)
+
+
+class TextEncoderWithProjection(torch.nn.Module):
+    """CLIPTextModelWithProjection -> text_embeds (pooled, projected), last_hidden_state, hidden_states.*."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+        return (out.text_embeds, out.last_hidden_state, *out.hidden_states)
+
+
+class UNet(torch.nn.Module):
+    """UNet2DConditionModel with SDXL's text_time added conditioning as flat inputs; float timestep."""
+
+    def __init__(self, model, with_timestep_cond: bool):
+        super().__init__()
+        self.model, self.with_timestep_cond = model, with_timestep_cond
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, timestep_cond=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        kwargs = {"timestep_cond": timestep_cond} if self.with_timestep_cond else {}
+        return self.model(
+            sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False, **kwargs
+        )[0]
+
+
+class VaeEncoder(torch.nn.Module):
+    """AutoencoderKL.encode -> the posterior's parameters (mean, logvar) [B, 2C, h, w]; sampled in the runtime."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample, return_dict=True).latent_dist.parameters
+
+
+class VaeDecoder(torch.nn.Module):
+    """AutoencoderKL.decode of latents already divided by scaling_factor -> image in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+def _n_hidden(model) -> int:
+    return model.config.num_hidden_layers + 1
+
+
+def text_encoder_spec(model, batch: int = 2) -> Spec:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, model.config.vocab_size - 2, (batch, 77), generator=gen)
+    ids[:, 0], ids[:, 20:] = 49406, 49407  # bos, text, eos + eos padding
+    outputs = ["last_hidden_state", "pooler_output"] + [f"hidden_states.{i}" for i in range(_n_hidden(model))]
+    return Spec(TextEncoder(model), {"input_ids": ids}, {"input_ids": [-1, 77]}, outputs)
+
+
+def text_encoder_2_spec(model, batch: int = 2) -> Spec:
+    spec = text_encoder_spec(model, batch)
+    ids = spec.inputs["input_ids"]
+    ids[:, 20:] = 0  # tokenizer_2 pads with "!" (id 0) after the eos
+    ids[:, 19] = 49407
+    outputs = ["text_embeds", "last_hidden_state"] + [f"hidden_states.{i}" for i in range(_n_hidden(model))]
+    return Spec(TextEncoderWithProjection(model), {"input_ids": ids}, {"input_ids": [-1, 77]}, outputs)
+
+
+def unet_spec(model, pooled_dim: int, height: int = 64, width: int = 48, batch: int = 2) -> Spec:
+    """pooled_dim: text_encoder_2's projection_dim. The rest of the added conditioning is time ids:
+    6 * 256 + 1280 = 2816 (base), 5 * 256 + 1280 = 2560 (refiner, aesthetic score)."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(0)
+    lat_c = cfg.in_channels
+    n_ids, rest = divmod(cfg.projection_class_embeddings_input_dim - pooled_dim, cfg.addition_time_embed_dim)
+    if rest or n_ids not in (5, 6):
+        raise ValueError(f"unet projection_class_embeddings_input_dim does not fit text_encoder_2 ({pooled_dim})")
+    inputs = {
+        "sample": torch.randn(batch, lat_c, height // 8, width // 8, generator=gen).to(dtype),
+        "timestep": torch.tensor([537.25]),  # [1] float32: fractional timesteps stay exact
+        "encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, generator=gen).to(dtype),
+        "text_embeds": torch.randn(batch, pooled_dim, generator=gen).to(dtype),
+        "time_ids": torch.tensor([[height, width, 0, 0, height, width, 6.0][:n_ids]] * batch).to(dtype),
+    }
+    dynamic = {
+        "sample": [-1, lat_c, -1, -1],
+        "timestep": [1],
+        "encoder_hidden_states": [-1, -1, cfg.cross_attention_dim],
+        "text_embeds": [-1, pooled_dim],
+        "time_ids": [-1, n_ids],
+    }
+    if cfg.time_cond_proj_dim:
+        inputs["timestep_cond"] = torch.randn(batch, cfg.time_cond_proj_dim, generator=gen).to(dtype)
+        dynamic["timestep_cond"] = [-1, cfg.time_cond_proj_dim]
+    return Spec(UNet(model, bool(cfg.time_cond_proj_dim)), inputs, dynamic, ["out_sample"])
+
+
+def vae_encoder_spec(vae, height: int = 64, width: int = 48) -> Spec:
+    dtype = next(vae.parameters()).dtype
+    x = torch.rand(1, vae.config.in_channels, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return Spec(VaeEncoder(vae), {"sample": x.to(dtype)}, {"sample": [-1, vae.config.in_channels, -1, -1]},
+                ["latent_parameters"])  # fmt: skip
+
+
+def vae_decoder_spec(vae, height: int = 64, width: int = 48) -> Spec:
+    dtype = next(vae.parameters()).dtype
+    c = vae.config.latent_channels
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    z = torch.randn(1, c, height // f, width // f, generator=torch.Generator().manual_seed(0))
+    return Spec(VaeDecoder(vae), {"latent_sample": z.to(dtype)}, {"latent_sample": [-1, c, -1, -1]}, ["sample"])

@@ -1,0 +1,46 @@
+"""Tiny test models: built from code, converted once, cached under .cache/tests/<key>/ (the key changes with
+the code that builds and converts them, so a stale cache is never used)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "tests"
+_SOURCES = ["tiny.py", "wrappers.py", "export.py", "pipeline.py", "source.py", "tokenizers.py", "clip_vocab.py",
+            "charsmap.py"]  # fmt: skip
+
+
+def cache_key() -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        path = ROOT / "convert" / name
+        if path.exists():
+            h.update(path.read_bytes())
+    for pkg in ("torch", "diffusers", "transformers", "openvino", "openvino-tokenizers"):
+        h.update(version(pkg).encode())
+    return h.hexdigest()[:12]
+
+
+def source_dir(kind: str, seed: int = 0) -> Path:
+    """The diffusers folder of a tiny model (built on first use)."""
+    from convert.tiny import build_tiny_pipeline
+
+    out = CACHE / cache_key() / f"{kind}-s{seed}-diffusers"
+    if not (out / "model_index.json").is_file():
+        build_tiny_pipeline(kind, out, seed=seed)
+    return out
+
+
+def ov_dir(kind: str, weight_format: str = "fp32", seed: int = 0) -> Path:
+    """The converted OpenVINO folder of a tiny model (converted on first use)."""
+    from convert.pipeline import convert_pipeline
+
+    out = CACHE / cache_key() / f"{kind}-s{seed}-ov-{weight_format}"
+    if not (out / "model_index.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        convert_pipeline(str(source_dir(kind, seed)), out, weight_format=weight_format, log=lambda s: None)
+    return out
