@@ -1,0 +1,103 @@
+"""DDIM (eta = 0): deterministic steps between integer train timesteps, in alphas_cumprod space."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from .base import Model, Noise, Schedule, Scheduler, StepState, call_model
+from .common import F32, ONE, spaced_timesteps
+
+# ref: diffusers DDIMScheduler.__init__ defaults
+DDIM_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "clip_sample": True,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "clip_sample_range": 1.0,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "rescale_betas_zero_snr": False,
+}
+
+
+def check_alpha_space(cfg: dict) -> list[tuple[str, object, str]]:
+    """Checks shared by DDIM and LCM."""
+    bad = []
+    if cfg.get("thresholding"):
+        bad.append(("thresholding", cfg["thresholding"], "dynamic thresholding is not implemented"))
+    if cfg["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
+        bad.append(("prediction_type", cfg["prediction_type"], "expected epsilon, v_prediction or sample"))
+    return bad
+
+
+# ref: diffusers DDIMScheduler.step / LCMScheduler.step (pred_original_sample, pred_epsilon)
+def x0_and_eps(
+    prediction_type: str, x: np.ndarray, out: np.ndarray, alpha_prod: np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted x0 and epsilon at a train timestep with alphas_cumprod = alpha_prod."""
+    beta_prod = ONE - alpha_prod
+    if prediction_type == "epsilon":
+        return (x - np.sqrt(beta_prod) * out) / np.sqrt(alpha_prod), out
+    if prediction_type == "sample":
+        return out, (x - np.sqrt(alpha_prod) * out) / np.sqrt(beta_prod)
+    x0 = np.sqrt(alpha_prod) * x - np.sqrt(beta_prod) * out  # v_prediction
+    return x0, np.sqrt(alpha_prod) * out + np.sqrt(beta_prod) * x
+
+
+def clip_x0(cfg: dict, x0: np.ndarray) -> np.ndarray:
+    if not cfg.get("clip_sample"):
+        return x0
+    r = F32(cfg["clip_sample_range"])
+    return np.clip(x0, -r, r)
+
+
+class DDIM(Scheduler):
+    """DDIMScheduler with eta = 0 (the SDXL pipelines' default)."""
+
+    name = "ddim"
+    class_name = "DDIMScheduler"
+    terminal_fix = False  # DDIM keeps alphas_cumprod[-1] = 0 under rescale_betas_zero_snr
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        self.final_alpha_cumprod = ONE if config["set_alpha_to_one"] else self.alphas_cumprod[0]
+
+    # ref: diffusers DDIMScheduler.set_timesteps
+    def schedule(self, n: int) -> Schedule:
+        cfg = self.config
+        t = spaced_timesteps(cfg["timestep_spacing"], n, self.num_train_timesteps, cfg["steps_offset"])
+        t = t.round() if cfg["timestep_spacing"] == "linspace" else t
+        return Schedule(timesteps=t.astype(np.int64).astype(F32), sigmas=None, num_inference_steps=n)
+
+    # ref: diffusers DDIMScheduler.add_noise (at the timestep value)
+    def add_noise(self, schedule: Schedule, index: int, x: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        alpha_prod = self.alphas_cumprod[int(schedule.timesteps[index])]
+        return np.sqrt(alpha_prod) * x + np.sqrt(ONE - alpha_prod) * noise
+
+    def sample(
+        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, model: Model, noise: Noise
+    ) -> Iterator[StepState]:
+        """DDIM, eta 0. ref: diffusers DDIMScheduler.step"""
+        # the previous timestep is t - T // n whatever the spacing (not the next entry of the schedule)
+        stride = self.num_train_timesteps // schedule.num_inference_steps
+        for i, k in enumerate(range(begin, end)):
+            t = schedule.timesteps[k]
+            prev = int(t) - stride
+            alpha_prod = self.alphas_cumprod[int(t)]
+            alpha_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+            x0, eps = x0_and_eps(self.prediction_type, x, call_model(model, x, t), alpha_prod)
+            x0 = clip_x0(self.config, x0)
+            with np.errstate(invalid="ignore"):  # ref: DDIMScheduler._get_variance; times eta = 0
+                variance = ((ONE - alpha_prev) / (ONE - alpha_prod)) * (ONE - alpha_prod / alpha_prev)
+                std = F32(0.0) * np.sqrt(variance)
+                x = np.sqrt(alpha_prev) * x0 + np.sqrt(ONE - alpha_prev - std * std) * eps
+            yield StepState(i, t, x, x0)
