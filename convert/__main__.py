@@ -13,8 +13,8 @@ weight formats:
   fp16  weights stored as f16 (default); OpenVINO computes in f32/bf16 as the device prefers
   fp32  weights stored as f32 (parity tests)
   int8  NNCF 8-bit asymmetric weight compression of every MatMul/Convolution/Embedding
-  int4  NNCF 4-bit symmetric compression of MatMul weights in groups of 64; embeddings, convolutions and
-        the last layer stay in int8 (NNCF's backup mode)
+  int4  the UNet's MatMul weights in NNCF 4-bit symmetric groups of 64 (16-32 where 64 does not divide the
+        channels); its convolutions, embeddings and last layer, the text encoders and the VAE in int8
 
 examples:
   python -m convert ./stable-diffusion-xl-base-1.0 ./sdxl-base-ov
@@ -36,7 +36,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-format", choices=["fp16", "fp32", "int8", "int4"], default="fp16")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--config", help="single-file source: a diffusers folder (or hub id) to take the configs from")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="fuse a LoRA (diffusers/PEFT or kohya keys) into the UNet and text encoders before tracing; "
+                   "repeatable; SCALE defaults to 1.0")  # fmt: skip
+    p.add_argument("--scheduler", default=None,
+                   help="write this scheduler's config instead of the source's (lcm after an LCM-LoRA)")  # fmt: skip
     return p.parse_args(argv)
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    path, sep, scale = spec.rpartition(":")
+    if not sep or "/" in scale or "\\" in scale:
+        return spec, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise ConvertError(f"--lora {spec}: scale {scale!r} is not a number") from None
 
 
 def main(argv=None) -> int:
@@ -45,11 +60,13 @@ def main(argv=None) -> int:
         from convert.pipeline import convert_pipeline
 
         convert_pipeline(
-            args.source,
-            args.output,
+            loras=[parse_lora(s) for s in args.lora],
+            source=args.source,
+            output=args.output,
             weight_format=args.weight_format,
             overwrite=args.overwrite,
             config=args.config,
+            scheduler=args.scheduler,
             log=print,
         )
     except ConvertError as e:

@@ -8,10 +8,32 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from convert.errors import ConvertError
 from convert.source import Loader, resolve
+
+
+@dataclass
+class Result:
+    name: str
+    params: int
+    seconds: float
+    bytes: int
+    max_abs_diff: float
+    ref_max_abs: float
+    tolerance: float
+    peak_rss: int
+    check_precision: str
+
+    def line(self) -> str:
+        return (
+            f"{self.name:15s} {self.params / 1e6:9.2f} M params  {self.seconds:7.1f} s  {self.bytes / 2**20:9.1f} MiB"
+            f"  max|diff| {self.max_abs_diff:.2e} (max|ref| {self.ref_max_abs:.2e}, tolerance {self.tolerance:.2e}"
+            f", {self.check_precision})  peak RSS {self.peak_rss / 2**30:.2f} GiB"
+        )
+
 
 # diffusers' defaults for the registered pipeline flags, per class
 FLAG_DEFAULTS = {
@@ -59,24 +81,34 @@ def convert_pipeline(
     overwrite: bool = False,
     config: str | None = None,
     log: Callable[[str], None] = print,
+    isolate: bool = True,
+    loras: list[tuple[str, float]] | None = None,
+    scheduler: str | None = None,
 ) -> Path:
-    import openvino as ov
-    import torch
+    """isolate: each component's tracing and each IR's check run in a child process (the peak memory of the
+    conversion is then that of its largest step); tests of tiny models turn it off for speed."""
+    from dataclasses import asdict
 
-    from convert import export, wrappers
+    from convert import component
     from convert.tokenizers import convert_tokenizer
 
     _quiet_libraries()
     src = resolve(source, config)
+    if scheduler:
+        _swap_scheduler({"_class_name": "EulerDiscreteScheduler"}, scheduler)  # unknown names fail before work
+    if loras:
+        from convert.lora import check_loras
+
+        check_loras(loras)  # files exist, scales are numbers: before any output is written
     tmp = _prepare_output(Path(output), overwrite)
     t_start = time.perf_counter()
+    # A single file is loaded once as a whole pipeline, so its components are converted in this process.
+    isolate = isolate and src.kind != "single-file"
     try:
-        core = ov.Core()
-        # f16 storage: load the UNet in fp16 (half the memory while tracing); everything else is small and is
-        # checked in fp32 (SDXL's VAE overflows in fp16).
-        unet_dtype = torch.float16 if weight_format == "fp16" else torch.float32
-        loader = Loader(src, torch.float32)
-        results = []
+        import torch
+
+        loader = Loader(src, torch.float16 if weight_format == "fp16" else torch.float32)
+        results = {}
         log(f"converting {src.location} ({src.kind}, {src.model_index['_class_name']}) -> {output}, {weight_format}")
         for name in ("tokenizer", "tokenizer_2"):
             if name in src.components:
@@ -84,46 +116,29 @@ def convert_pipeline(
                 convert_tokenizer(loader.tokenizer_dir(name), tmp / name)
                 size = sum(f.stat().st_size for f in (tmp / name).iterdir())
                 log(f"{name:15s} {'':9s}           {time.perf_counter() - t0:7.1f} s  {size / 2**20:9.1f} MiB")
-
-        def run(name: str, spec, config_writer):
-            result = export.export(name, spec, tmp / name, weight_format, core)
-            config_writer(tmp / name)
-            results.append(result)
-            log(result.line())
-
         pooled_dim = None
-        for name, make_spec in (
-            ("text_encoder", wrappers.text_encoder_spec),
-            ("text_encoder_2", wrappers.text_encoder_2_spec),
-        ):
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
             if name not in src.components:
                 continue
-            model = loader.load(name)
-            if name == "text_encoder_2":
-                pooled_dim = model.config.projection_dim
-            run(name, make_spec(model), model.config.save_pretrained)
-            del model
+            args = {"source": asdict(src), "name": name, "tmp": str(tmp), "weight_format": weight_format,
+                    "pooled_dim": pooled_dim, "loras": [[str(f), float(sc)] for f, sc in loras or []]}  # fmt: skip
+            traced = component.run("trace", args, isolate, loader if src.kind == "single-file" else None)
+            pooled_dim = traced.pop("pooled_dim", pooled_dim)
+            trace_rss = traced.pop("peak_rss")
+            for ir, facts in traced.items():
+                args = {"name": ir, "out_dir": str(tmp / ir), "weight_format": weight_format, "params": facts["params"]}
+                checked = component.run("check", args, isolate)
+                r = Result(ir, facts["params"], facts["seconds"] + checked["check_seconds"], checked["bytes"],
+                           checked["max_abs_diff"], checked["ref_max_abs"], checked["tolerance"],
+                           max(trace_rss, checked["peak_rss"]), checked["check_precision"])  # fmt: skip
+                results[ir] = r
+                log(r.line())
             gc.collect()
 
-        loader.dtype = unet_dtype
-        unet = loader.load("unet")
-        loader.dtype = torch.float32
-        if unet.config.in_channels != 4:
-            raise ConvertError(
-                f"{source}: UNet has {unet.config.in_channels} input channels; only 4 (text2img) is supported"
-            )
-        run("unet", wrappers.unet_spec(unet, pooled_dim), unet.save_config)
-        del unet
-        gc.collect()
-
-        vae = loader.load("vae")
-        run("vae_encoder", wrappers.vae_encoder_spec(vae), vae.save_config)
-        run("vae_decoder", wrappers.vae_decoder_spec(vae), vae.save_config)
-        del vae
-        gc.collect()
-
         (tmp / "scheduler").mkdir()
-        sched = loader.scheduler_config()  # untouched
+        sched = loader.scheduler_config()  # untouched, unless another scheduler is asked for
+        if scheduler:
+            sched = _swap_scheduler(sched, scheduler)
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         index = dict(src.model_index)
         for flag, default in FLAG_DEFAULTS.get(index["_class_name"], {}).items():
@@ -132,9 +147,9 @@ def convert_pipeline(
         info = {
             "weight_format": weight_format,
             "source": src.location,
+            "loras": [[str(f), float(sc)] for f, sc in loras or []],
             "versions": _versions(),
-            "submodels": {r.name: {"params": r.params, "seconds": round(r.seconds, 2), "bytes": r.bytes_on_disk,
-                                   "max_abs_diff": r.max_abs_diff, "tolerance": r.tolerance} for r in results},
+            "submodels": {ir: asdict(r) for ir, r in results.items()},
         }  # fmt: skip
         (tmp / "convert_info.json").write_text(json.dumps(info, indent=2))
         _finish(tmp, Path(output))
@@ -142,6 +157,21 @@ def convert_pipeline(
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"done in {time.perf_counter() - t_start:.1f} s: {output}")
     return Path(output)
+
+
+def _swap_scheduler(config: dict, name: str) -> dict:
+    """The folder's scheduler config as `Scheduler.from_config(config)` of another class writes it (e.g. the
+    LCMScheduler that an LCM-LoRA such as VegaRT's needs)."""
+    import diffusers
+
+    from schedulers import SCHEDULER_NAMES, resolve_name
+
+    try:
+        cls_name, overrides = resolve_name(name)
+    except ValueError:
+        raise ConvertError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULER_NAMES)}") from None
+    cls = getattr(diffusers, cls_name)
+    return dict(cls.from_config(config, **overrides).config, _class_name=cls_name)
 
 
 def _versions() -> dict:

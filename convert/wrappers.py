@@ -103,9 +103,11 @@ def text_encoder_2_spec(model, batch: int = 2) -> Spec:
     return Spec(TextEncoderWithProjection(model), {"input_ids": ids}, {"input_ids": [-1, 77]}, outputs)
 
 
-def unet_spec(model, pooled_dim: int, height: int = 64, width: int = 48, batch: int = 2) -> Spec:
+def unet_spec(model, pooled_dim: int, height: int = 72, width: int = 56, batch: int = 2) -> Spec:
     """pooled_dim: text_encoder_2's projection_dim. The rest of the added conditioning is time ids:
-    6 * 256 + 1280 = 2816 (base), 5 * 256 + 1280 = 2560 (refiner, aesthetic score)."""
+    6 * 256 + 1280 = 2816 (base), 5 * 256 + 1280 = 2560 (refiner, aesthetic score).
+    The example latent (9 x 7) is not a multiple of 2**upsamplers on purpose: diffusers then passes each skip
+    connection's size to the upsamplers, and that path, traced, serves every latent size (even ones alike)."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(0)

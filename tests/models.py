@@ -10,8 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "tests"
-_SOURCES = ["tiny.py", "wrappers.py", "export.py", "pipeline.py", "source.py", "tokenizers.py", "clip_vocab.py",
-            "clip_unicode.py"]  # fmt: skip
+_SOURCES = ["tiny.py", "wrappers.py", "export.py", "check.py", "component.py", "pipeline.py", "source.py",
+            "tokenizers.py", "clip_vocab.py", "clip_unicode.py"]  # fmt: skip
 
 
 def cache_key() -> str:
@@ -42,5 +42,7 @@ def ov_dir(kind: str, weight_format: str = "fp32", seed: int = 0) -> Path:
     out = CACHE / cache_key() / f"{kind}-s{seed}-ov-{weight_format}"
     if not (out / "model_index.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        convert_pipeline(str(source_dir(kind, seed)), out, weight_format=weight_format, log=lambda s: None)
+        convert_pipeline(
+            str(source_dir(kind, seed)), out, weight_format=weight_format, log=lambda s: None, isolate=False
+        )
     return out

@@ -206,8 +206,10 @@ def test_bad_sources(tmp_path, tiny):
     shutil.copytree(src, partial)
     (partial / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     _assert_one_line_error(_cli(partial, tmp_path / "o5"), "unet/ has no weights file")
-    shutil.rmtree(partial / "vae")
-    _assert_one_line_error(_cli(partial, tmp_path / "o5"), "vae/ is missing")
+    no_vae = tmp_path / "no_vae"
+    shutil.copytree(src, no_vae)
+    shutil.rmtree(no_vae / "vae")
+    _assert_one_line_error(_cli(no_vae, tmp_path / "o6"), "vae/ is missing")
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())
 
 
@@ -223,12 +225,12 @@ def test_bad_outputs(tmp_path, tiny):
 
 
 def test_failed_conversion_leaves_nothing(tmp_path, tiny, monkeypatch):
-    from convert import export
+    from convert import check
 
     src, _ = tiny("base")
-    monkeypatch.setitem(export.TOLERANCE, "fp32", -1.0)  # every check fails
+    monkeypatch.setitem(check.TOLERANCE, "fp32", -1.0)  # every check fails
     with pytest.raises(ConvertError, match="differs from torch"):
-        convert_pipeline(str(src), tmp_path / "out", weight_format="fp32", log=lambda s: None)
+        convert_pipeline(str(src), tmp_path / "out", weight_format="fp32", log=lambda s: None, isolate=False)
     assert list(tmp_path.iterdir()) == []
 
 
