@@ -1,0 +1,78 @@
+"""A compiled-model wrapper: named numpy inputs in, named numpy outputs back, static shapes, compile cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from runtime.errors import RuntimeInputError
+
+_NP_TYPES = {
+    ov.Type.f32: np.float32,
+    ov.Type.f16: np.float16,
+    ov.Type.i64: np.int64,
+    ov.Type.i32: np.int32,
+}
+
+
+class OVModel:
+    """One IR on one device. `compile(shapes)` reshapes to static shapes and compiles once per shape set."""
+
+    def __init__(self, core: ov.Core, xml: Path, device: str = "CPU", config: dict | None = None):
+        self.core, self.xml, self.device, self.config = core, Path(xml), device, dict(config or {})
+        if not self.xml.is_file():
+            raise RuntimeInputError(f"{self.xml.parent}: no {self.xml.name} (submodel missing)")
+        self.name = self.xml.parent.name
+        model = core.read_model(self.xml)
+        self.input_names = [p.get_any_name() for p in model.inputs]
+        self.output_names = [p.get_any_name() for p in model.outputs]
+        self.input_types = {p.get_any_name(): _NP_TYPES.get(p.get_element_type(), np.float32) for p in model.inputs}
+        self.input_shapes = {p.get_any_name(): p.get_partial_shape() for p in model.inputs}
+        self._model: ov.Model | None = model
+        self._compiled: dict[tuple, ov.CompiledModel] = {}
+        self._requests: dict[tuple, ov.InferRequest] = {}
+
+    def has_input(self, name: str) -> bool:
+        return name in self.input_names
+
+    def compile(self, shapes: dict[str, tuple[int, ...]]) -> ov.InferRequest:
+        """An infer request for these static input shapes (reshape + compile on first use)."""
+        key = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
+        if key not in self._requests:
+            model = self._model if self._model is not None else self.core.read_model(self.xml)
+            self._model = None  # reshape changes the model: read it again for the next shape set
+            if shapes:
+                model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+            compiled = self.core.compile_model(model, self.device, self.config)
+            self._compiled[key] = compiled
+            self._requests[key] = compiled.create_infer_request()
+        return self._requests[key]
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once on full inputs; outputs are copies (safe to keep across calls)."""
+        arrays = self.prepare(inputs)
+        request = self.compile({k: v.shape for k, v in arrays.items()})
+        request.infer(arrays)
+        return {name: request.get_tensor(name).data.copy() for name in self.output_names}
+
+    def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise RuntimeInputError(f"{self.name}: missing input(s) {', '.join(missing)}")
+        out = {}
+        for name in self.input_names:
+            arr = np.ascontiguousarray(inputs[name], dtype=self.input_types[name])
+            if not self.input_shapes[name].compatible(ov.PartialShape(list(arr.shape))):
+                raise RuntimeInputError(
+                    f"{self.name}: input {name} has shape {list(arr.shape)}, the model takes {self.input_shapes[name]}"
+                )
+            out[name] = arr
+        return out
+
+    def release(self) -> None:
+        """Drop the compiled models (their memory); the next call compiles again (fast with the model cache)."""
+        self._requests.clear()
+        self._compiled.clear()
+        self._model = None
