@@ -67,9 +67,9 @@ def _child(argv: list[str]) -> int:
     try:
         with PeakRSS() as rss:
             if what == "trace":
-                from convert.pipeline import _quiet_libraries
+                from convert.pipeline import quiet_libraries
 
-                _quiet_libraries()
+                quiet_libraries()
                 result = trace_component(args["source"], args["name"], Path(args["tmp"]), args["weight_format"],
                                          args["pooled_dim"], loras=args.get("loras"))  # fmt: skip
             else:

@@ -92,14 +92,14 @@ def convert_pipeline(
     from convert import component
     from convert.tokenizers import convert_tokenizer
 
-    _quiet_libraries()
+    quiet_libraries()
     src = resolve(source, config)
     if scheduler:
         _swap_scheduler({"_class_name": "EulerDiscreteScheduler"}, scheduler)  # unknown names fail before work
     if loras:
         from convert.lora import check_loras
 
-        check_loras(loras)  # files exist, scales are numbers: before any output is written
+        check_loras(loras, components=src.components)  # files exist, scales are numbers: before any output is written
     tmp = _prepare_output(Path(output), overwrite)
     t_start = time.perf_counter()
     # A single file is loaded once as a whole pipeline, so its components are converted in this process.
@@ -186,7 +186,7 @@ def _versions() -> dict:
     return out
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Our progress lines are the log; silence the libraries' bars and notices."""
     import diffusers
     import transformers

@@ -90,6 +90,9 @@ def build_tiny_pipeline(kind: str, out_dir: Path, seed: int = 0, unet_overrides:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from convert.pipeline import quiet_libraries
+
+    quiet_libraries()
     if kind not in UNETS:
         raise ValueError(f"unknown tiny model kind {kind!r}; known: {', '.join(KINDS)}")
     out_dir = Path(out_dir)
