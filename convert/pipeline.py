@@ -89,11 +89,13 @@ def convert_pipeline(
     conversion is then that of its largest step); tests of tiny models turn it off for speed."""
     from dataclasses import asdict
 
+    src = resolve(source, config)  # bad input fails here, before the heavy imports
+    if Path(output).exists() and not overwrite:
+        raise ConvertError(f"{output} exists; pass --overwrite to replace it")
     from convert import component
     from convert.tokenizers import convert_tokenizer
 
     quiet_libraries()
-    src = resolve(source, config)
     if scheduler:
         _swap_scheduler({"_class_name": "EulerDiscreteScheduler"}, scheduler)  # unknown names fail before work
     if loras:

@@ -155,14 +155,14 @@ def test_checkpoint_with_missing_weights_is_refused(tiny, tmp_path):
     tensors = load_file(f)
     save_file({k: v for k, v in tensors.items() if "layers.1." not in k}, f)
     with pytest.raises(ConvertError, match="text_encoder weights do not match"):
-        convert_pipeline(str(broken), tmp_path / "out", weight_format="fp32", log=lambda s: None)
+        convert_pipeline(str(broken), tmp_path / "out", weight_format="fp32", log=lambda s: None, isolate=False)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("fmt,expected", [("fp16", ov.Type.f16), ("int8", ov.Type.u8), ("int4", ov.Type.i4)])
 def test_weight_formats(tiny, tmp_path, fmt, expected):
     src, _ = tiny("base")
-    out = convert_pipeline(str(src), tmp_path / fmt, weight_format=fmt, log=lambda s: None)
+    out = convert_pipeline(str(src), tmp_path / fmt, weight_format=fmt, log=lambda s: None, isolate=False)
     unet = CORE.read_model(out / "unet" / "openvino_model.xml")
     types = {op.get_output_element_type(0) for op in unet.get_ops() if op.get_type_name() == "Constant"}
     assert expected in types, types
