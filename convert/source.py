@@ -43,14 +43,15 @@ def _check_index(index: dict, where: str) -> list[str]:
         raise ConvertError(f"{where} is a {NOT_SDXL[cls]} checkpoint ({cls}), not an SDXL-family one")
     if cls not in SDXL_CLASSES:
         raise ConvertError(f"{where}: unknown pipeline class {cls!r}; expected one of {', '.join(SDXL_CLASSES)}")
-    present = [c for c in COMPONENTS if isinstance(index.get(c), list) and index[c][0] is not None]
+    present = _components(index)
     for needed in ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"):
         if needed not in present:
             raise ConvertError(f"{where}: model_index.json has no {needed}; not an SDXL-family pipeline")
     return present
 
 
-def resolve(source: str, config: str | None = None) -> Source:
+def resolve(source: str, config: str | None = None, weights: bool = True) -> Source:
+    """weights=False: a --config folder, which needs the configs and tokenizers only."""
     path = Path(source)
     if path.is_dir():
         index_file = path / "model_index.json"
@@ -65,22 +66,57 @@ def resolve(source: str, config: str | None = None) -> Source:
             sub = path / name
             if not sub.is_dir() or not any(sub.iterdir()):
                 raise ConvertError(f"{source}: {name}/ is missing or empty (model_index.json lists it)")
-            if name not in ("tokenizer", "tokenizer_2", "scheduler") and not _has_weights(sub):
+            if weights and name not in ("tokenizer", "tokenizer_2", "scheduler") and not _has_weights(sub):
                 raise ConvertError(f"{source}: {name}/ has no weights file (partial download?)")
         return Source("folder", str(path), index, present)
     if path.suffix in (".safetensors", ".ckpt"):
         if not path.is_file():
             raise ConvertError(f"{source}: no such file")
-        if config is None:
-            # diffusers would fetch the configs of the detected model type from the hub.
-            index = {"_class_name": "StableDiffusionXLPipeline"}
+        detected = _detect_single_file(path)
+        if config is None:  # diffusers fetches the configs of the detected model type from the hub
+            index = detected
         else:
-            index = resolve(config).model_index
+            index = resolve(config, weights=False).model_index
+            if ("text_encoder" in _components(index)) != ("text_encoder" in _components(detected)):
+                raise ConvertError(f"{source} and --config {config} are not the same kind of SDXL model "
+                                   "(one is a refiner)")  # fmt: skip
         present = _check_index(index, config or source)
         return Source("single-file", str(path), index, present, config_dir=config)
     if path.exists() or source.startswith((".", "/")) or source.count("/") != 1:
         raise ConvertError(f"{source}: not a diffusers folder, a .safetensors file or a hub id (org/name)")
     return _resolve_hub(source)
+
+
+def _components(index: dict) -> list[str]:
+    return [c for c in COMPONENTS if isinstance(index.get(c), list) and index[c][0] is not None]
+
+
+def _detect_single_file(path: Path) -> dict:
+    """A model_index for an original-layout (SGM/LDM) checkpoint, from its key names alone."""
+    if path.suffix != ".safetensors":
+        raise ConvertError(f"{path}: only .safetensors single files are read (pickled .ckpt files can run code)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+    except Exception as e:
+        raise ConvertError(f"{path}: not a readable .safetensors file ({type(e).__name__})") from None
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("cond_stage_model."):
+        raise ConvertError(f"{path} is a Stable Diffusion 1.x/2.x checkpoint, not an SDXL-family one")
+    if not has("model.diffusion_model.") or not has("first_stage_model."):
+        raise ConvertError(f"{path}: not a Stable Diffusion checkpoint (no model.diffusion_model./first_stage_model.)")
+    lib = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+           "scheduler": ["diffusers", "EulerDiscreteScheduler"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+           "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}  # fmt: skip
+    if has("conditioner.embedders.1.model."):  # CLIP-L + OpenCLIP bigG: base
+        lib |= {"tokenizer": ["transformers", "CLIPTokenizer"], "text_encoder": ["transformers", "CLIPTextModel"]}
+        return {"_class_name": "StableDiffusionXLPipeline", **lib}
+    if has("conditioner.embedders.0.model."):  # OpenCLIP bigG alone: refiner
+        return {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
+                "force_zeros_for_empty_prompt": False, **lib}  # fmt: skip
+    raise ConvertError(f"{path}: no SDXL text encoders (conditioner.embedders.*) in the file")
 
 
 def _has_weights(sub: Path) -> bool:
@@ -136,6 +172,11 @@ class Loader:
     def _from_single_file(self, name: str):
         model = getattr(self._load_pipe_for_configs(), name)
         setattr(self._pipe, name, None)  # the caller frees it after export
+        # diffusers leaves the tensors that the file lacks on the meta device instead of failing
+        missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if missing:
+            raise ConvertError(f"{self.source.location}: {name} weights are incomplete: {len(missing)} tensors "
+                               f"missing from the file (first: {missing[0]})")  # fmt: skip
         return model.eval()
 
     def _load_pipe_for_configs(self):
