@@ -90,6 +90,13 @@ def make_alphas_cumprod(cfg: dict, terminal_fix: bool) -> np.ndarray:
 
 
 # ref: diffusers EulerDiscreteScheduler.set_timesteps (`((1 - alphas_cumprod) / alphas_cumprod) ** 0.5`)
+def add_noise_at_timestep(alphas_cumprod: np.ndarray, t: float, x: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """sqrt(a_t) x + sqrt(1 - a_t) noise at the timestep's value.
+    # ref: diffusers DDIMScheduler.add_noise, LCMScheduler.add_noise"""
+    alpha_prod = alphas_cumprod[int(t)]
+    return np.sqrt(alpha_prod) * x + np.sqrt(ONE - alpha_prod) * noise
+
+
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
     """sigma(t) = sqrt((1 - alphas_cumprod) / alphas_cumprod) [num_train_timesteps] float32, ascending in t."""
     return np.sqrt((ONE - alphas_cumprod) / alphas_cumprod)

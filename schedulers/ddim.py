@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .base import Model, Noise, Schedule, Scheduler, StepState, call_model
-from .common import F32, ONE, spaced_timesteps
+from .common import F32, ONE, add_noise_at_timestep, spaced_timesteps
 
 # ref: diffusers DDIMScheduler.__init__ defaults
 DDIM_DEFAULTS = {
@@ -80,8 +80,7 @@ class DDIM(Scheduler):
 
     # ref: diffusers DDIMScheduler.add_noise (at the timestep value)
     def add_noise(self, schedule: Schedule, index: int, x: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        alpha_prod = self.alphas_cumprod[int(schedule.timesteps[index])]
-        return np.sqrt(alpha_prod) * x + np.sqrt(ONE - alpha_prod) * noise
+        return add_noise_at_timestep(self.alphas_cumprod, schedule.timesteps[index], x, noise)
 
     def sample(
         self, schedule: Schedule, begin: int, end: int, x: np.ndarray, model: Model, noise: Noise

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .base import Model, Noise, Schedule, Scheduler, StepState, call_model
-from .common import F32, ONE
+from .common import F32, ONE, add_noise_at_timestep
 from .ddim import clip_x0, x0_and_eps
 
 # ref: diffusers LCMScheduler.__init__ defaults
@@ -78,8 +78,7 @@ class LCM(Scheduler):
 
     # ref: diffusers LCMScheduler.add_noise (at the timestep value)
     def add_noise(self, schedule: Schedule, index: int, x: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        alpha_prod = self.alphas_cumprod[int(schedule.timesteps[index])]
-        return np.sqrt(alpha_prod) * x + np.sqrt(ONE - alpha_prod) * noise
+        return add_noise_at_timestep(self.alphas_cumprod, schedule.timesteps[index], x, noise)
 
     def sample(
         self, schedule: Schedule, begin: int, end: int, x: np.ndarray, model: Model, noise: Noise

@@ -14,6 +14,7 @@ import torch
 
 from convert.errors import ConvertError
 from convert.pipeline import convert_pipeline
+from tests.cli import assert_one_line_error
 from tests.models import ROOT
 
 KINDS = ["base", "refiner", "ssd-1b", "vega", "lcm"]
@@ -176,13 +177,6 @@ def _cli(*args):
                           text=True, timeout=600)  # fmt: skip
 
 
-def _assert_one_line_error(proc, needle):
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 def _write_index(folder, cls):
     folder.mkdir(parents=True)
     (folder / "model_index.json").write_text(
@@ -192,24 +186,24 @@ def _write_index(folder, cls):
 
 
 def test_bad_sources(tmp_path, tiny):
-    _assert_one_line_error(_cli(tmp_path / "nope", tmp_path / "o1"), "not a diffusers folder")
-    _assert_one_line_error(_cli(tmp_path / "nope.safetensors", tmp_path / "o1"), "no such file")
+    assert_one_line_error(_cli(tmp_path / "nope", tmp_path / "o1"), "not a diffusers folder")
+    assert_one_line_error(_cli(tmp_path / "nope.safetensors", tmp_path / "o1"), "no such file")
     sd15 = _write_index(tmp_path / "sd15", "StableDiffusionPipeline")
-    _assert_one_line_error(_cli(sd15, tmp_path / "o2"), "Stable Diffusion 1.x/2.x")
+    assert_one_line_error(_cli(sd15, tmp_path / "o2"), "Stable Diffusion 1.x/2.x")
     weird = _write_index(tmp_path / "weird", "MyFancyPipeline")
-    _assert_one_line_error(_cli(weird, tmp_path / "o3"), "unknown pipeline class 'MyFancyPipeline'")
+    assert_one_line_error(_cli(weird, tmp_path / "o3"), "unknown pipeline class 'MyFancyPipeline'")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _assert_one_line_error(_cli(empty, tmp_path / "o4"), "no model_index.json")
+    assert_one_line_error(_cli(empty, tmp_path / "o4"), "no model_index.json")
     src, _ = tiny("base")
     partial = tmp_path / "partial"
     shutil.copytree(src, partial)
     (partial / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    _assert_one_line_error(_cli(partial, tmp_path / "o5"), "unet/ has no weights file")
+    assert_one_line_error(_cli(partial, tmp_path / "o5"), "unet/ has no weights file")
     no_vae = tmp_path / "no_vae"
     shutil.copytree(src, no_vae)
     shutil.rmtree(no_vae / "vae")
-    _assert_one_line_error(_cli(no_vae, tmp_path / "o6"), "vae/ is missing")
+    assert_one_line_error(_cli(no_vae, tmp_path / "o6"), "vae/ is missing")
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir())
 
 
@@ -218,10 +212,10 @@ def test_bad_outputs(tmp_path, tiny):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    _assert_one_line_error(_cli(src, existing), "exists; pass --overwrite")
+    assert_one_line_error(_cli(src, existing), "exists; pass --overwrite")
     assert (existing / "keep.txt").read_text() == "mine"
-    _assert_one_line_error(_cli(src, "/proc/sdxl-openvino-out"), "cannot write there")
-    _assert_one_line_error(_cli(src, tmp_path / "no" / "such" / "dir"), "does not exist")
+    assert_one_line_error(_cli(src, "/proc/sdxl-openvino-out"), "cannot write there")
+    assert_one_line_error(_cli(src, tmp_path / "no" / "such" / "dir"), "does not exist")
 
 
 def test_failed_conversion_leaves_nothing(tmp_path, tiny, monkeypatch):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.cli import assert_one_line_error
 from tests.models import ROOT
 
 
@@ -23,13 +24,6 @@ def _cli(*args):
 def _ok(proc):
     assert proc.returncode == 0, proc.stderr
     return proc
-
-
-def _one_line_error(proc, needle):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr
 
 
 SMALL = ["--prompt", "a cat", "--steps", "3", "--height", "128", "--width", "192", "--seed", "4"]
@@ -101,9 +95,9 @@ def test_bad_inputs(tiny, tmp_path):
         (["--model", tmp_path / "nowhere", *SMALL], "no such model folder"),
     ]
     for args, needle in cases:
-        _one_line_error(_cli(*args, "--output", out), needle)
-    _one_line_error(_cli("--model", base, *SMALL, "--output", "/proc/x.png"), "not writable")
-    _one_line_error(_cli("--model", base, *SMALL, "--output", tmp_path / "x.jpg"), ".png or .npy")
+        assert_one_line_error(_cli(*args, "--output", out), needle)
+    assert_one_line_error(_cli("--model", base, *SMALL, "--output", "/proc/x.png"), "not writable")
+    assert_one_line_error(_cli("--model", base, *SMALL, "--output", tmp_path / "x.jpg"), ".png or .npy")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["partial"]
 
 

@@ -15,6 +15,7 @@ import torch
 
 from convert.errors import ConvertError
 from convert.pipeline import convert_pipeline
+from tests.cli import assert_one_line_error
 from tests.models import ROOT
 from tests.single_file import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, write_single_file
 
@@ -141,13 +142,6 @@ def test_single_file_conversion_matches_folder_conversion(tiny, checkpoint, cli_
         "text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"}  # fmt: skip
 
 
-def _assert_one_line_error(proc, needle):
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 def test_cli_refuses_a_file_that_is_not_sdxl(configs, tmp_path):
     from safetensors.torch import save_file
 
@@ -155,14 +149,14 @@ def test_cli_refuses_a_file_that_is_not_sdxl(configs, tmp_path):
     bogus = tmp_path / "classifier.safetensors"
     save_file({"backbone.0.weight": torch.randn(16, 3, 3, 3, generator=g), "backbone.0.bias": torch.zeros(16),
                "head.weight": torch.randn(10, 16, generator=g)}, bogus)  # fmt: skip
-    _assert_one_line_error(_cli(bogus, tmp_path / "out", "--config", configs, "--weight-format", "fp32"),
+    assert_one_line_error(_cli(bogus, tmp_path / "out", "--config", configs, "--weight-format", "fp32"),
                            "not a Stable Diffusion checkpoint")  # fmt: skip
     sd15 = tmp_path / "sd15.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
                "first_stage_model.encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
                "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(8)}, sd15)  # fmt: skip
-    _assert_one_line_error(_cli(sd15, tmp_path / "out"), "Stable Diffusion 1.x/2.x")
-    _assert_one_line_error(_cli(tmp_path / "old.ckpt", tmp_path / "out"), "no such file")
+    assert_one_line_error(_cli(sd15, tmp_path / "out"), "Stable Diffusion 1.x/2.x")
+    assert_one_line_error(_cli(tmp_path / "old.ckpt", tmp_path / "out"), "no such file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.safetensors", "sd15.safetensors"]
 
 
