@@ -157,7 +157,7 @@ def generate(args):
     """-> (result, the pipeline whose scheduler config names the sampler)"""
     from runtime.pipeline import SDXLPipeline
 
-    kw = dict(device=args.device, precision=args.precision, cache_dir=args.cache_dir)
+    kw = dict(device=args.device, precision=args.precision, cache_dir=args.cache_dir, low_memory=args.low_memory)
     if args.refiner is None and (args.high_noise_frac is not None or args.refiner_strength is not None):
         raise RuntimeInputError("--high-noise-frac and --refiner-strength need --refiner")
     if args.high_noise_frac is not None and args.refiner_strength is not None:

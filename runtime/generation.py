@@ -243,12 +243,18 @@ class Generation:
             latents = self._text2img_latents(generator)
         f = self.pipe.vae_scale_factor
         inputs = self._conditioning(latents.shape[2] * f, latents.shape[3] * f)
+        if self.pipe.low_memory:  # each model is compiled when its stage starts and released when it ends
+            for enc in self.pipe.text_encoders:
+                enc.encoder.release()
         model = self._denoiser(inputs, latents.shape)
         total = len(self.plan.timesteps)
         for state in self.plan.sample(latents, model, generator.randn):
             latents = state.latents
             yield StepState(state.index, total, float(state.timestep), latents, state.denoised)
         self._latents = latents
+        if self.pipe.low_memory:
+            del model
+            self.pipe.unet.release()
 
     def __iter__(self) -> Iterator[StepState]:
         if self._iter is None:
@@ -262,4 +268,7 @@ class Generation:
         params = {k: v for k, v in self.p.items() if k not in ("latents", "image")}
         if self.p["output_type"] == "latent":
             return GenerationResult(latents, None, params)
-        return GenerationResult(latents, self.pipe.decode(latents), params)
+        images = self.pipe.decode(latents)
+        if self.pipe.low_memory:
+            self.pipe.vae_decoder.release()
+        return GenerationResult(latents, images, params)

@@ -68,9 +68,12 @@ class SDXLPipeline:
         cache_dir: str | Path | None = "default",
         core: ov.Core | None = None,
         share_with: SDXLPipeline | None = None,
+        low_memory: bool = False,
     ):
         """share_with: another loaded pipeline (the base, for a refiner) whose text_encoder_2 and VAE are reused,
-        compiled once, when both folders hold the same IR files (SDXL's refiner ships the base's)."""
+        compiled once, when both folders hold the same IR files (SDXL's refiner ships the base's).
+        low_memory: compile each model when its stage starts and release it when the stage ends (text encoders,
+        UNet, VAE); the model cache keeps the recompiles cheap."""
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise RuntimeInputError(f"{model_dir}: no such model folder")
@@ -88,7 +91,7 @@ class SDXLPipeline:
         if cache_dir:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             self.core.set_property({"CACHE_DIR": str(cache_dir)})
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.low_memory = device, precision, low_memory
         self.index = _read_json(self.dir / "model_index.json")
         self.scheduler_config = _read_json(self.dir / "scheduler" / "scheduler_config.json")
         self.unet_config = _read_json(self.dir / "unet" / "config.json")

@@ -67,3 +67,13 @@ def test_bad_call_options(tiny):
         pipe(**{**KW, "latents": np.zeros((1, 4, 8, 8), np.float32)})
     with pytest.raises(RuntimeInputError, match="prompt_2 has 1 entries but prompt has 2"):
         pipe(**{**KW, "prompt": ["a", "b"], "negative_prompt": None, "prompt_2": ["c"]})
+
+
+def test_low_memory_releases_each_stage_and_gives_the_same_picture(tiny, tmp_path):
+    _, ov_dir = tiny("base")
+    normal = SDXLPipeline(ov_dir, precision="f32", cache_dir=None)(**KW)
+    pipe = SDXLPipeline(ov_dir, precision="f32", cache_dir=tmp_path, low_memory=True)
+    lean = pipe(**KW)
+    np.testing.assert_array_equal(lean.images, normal.images)
+    compiled = [m._compiled for m in (pipe.unet, pipe.vae_decoder, *(e.encoder for e in pipe.text_encoders))]
+    assert all(not c for c in compiled)  # nothing stays compiled between generations
