@@ -1,0 +1,65 @@
+"""Smoke test of the benchmark harness on the tiny base model (one run, two steps, 128 x 128)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.models import ROOT, ov_dir
+
+STAGES = ["load", "compile_cold", "compile_cache_fill", "compile_warm", "tokenize", "text_encoder", "text_encoder_2",
+          "unet_step_first", "unet_step_steady", "unet_loop", "vae_decode", "end_to_end", "bound_text_encoders",
+          "bound_unet", "bound_vae_decode", "bound"]  # fmt: skip
+
+
+def _run(*args):
+    cmd = [sys.executable, "-m", "benchmarks.run", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "tmp"
+    proc = _run("--model", ov_dir("base"), "--steps", 2, "--height", 128, "--width", 128, "--runs", 1,
+                "--warmup", 0, "--precision", "f32", "--out", out)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    seconds = {r["stage"]: r["seconds"] for r in records if r["kind"] == "measurement" and r["arm"] == "ours"
+               and "seconds" in r}  # fmt: skip
+    for stage in STAGES:
+        assert seconds.get(stage, 0) > 0, (stage, seconds)
+    rss = [r["bytes"] for r in records if r["kind"] == "measurement" and r["stage"] == "peak_rss"]
+    assert rss and rss[0] > 0
+
+    summary = next(r for r in records if r["kind"] == "summary")
+    for key in ("openvino", "device", "precision", "cpu_flags", "model", "height", "width", "steps", "model_bytes"):
+        assert key in summary, key
+    assert summary["steps"] == 2 and summary["height"] == summary["width"] == 128
+    assert 0 < summary["bound"] <= summary["medians"]["end_to_end"] * 1.5
+    assert summary["overhead_ratio"] > 0 and summary["images_per_s"] > 0
+    assert "overhead ratio" in proc.stdout
+
+    table = (out / "table.md").read_text()
+    assert "| stage | median s | share of end-to-end |" in table and "| end_to_end |" in table
+    with Image.open(out / "stages.png") as im:
+        im.load()
+        assert im.width > 0 and im.height > 0
+
+    anchors = {r["arm"]: r["status"] for r in records if r["kind"] == "anchor"}
+    if importlib.util.find_spec("openvino_genai") is None:
+        assert anchors["genai"].startswith("skipped:") and anchors["genai-static"].startswith("skipped:")
+    assert anchors["diffusers"] == "skipped: no --diffusers-source DIR given"
+    assert anchors["optimum"] == "skipped: no --optimum-python PATH given"
+    assert "skipped:" in table
+
+
+def test_benchmark_bad_input(tmp_path):
+    for args in (["--model", tmp_path, "--steps", 2], ["--model", ov_dir("base"), "--steps", 0]):
+        proc = _run(*args, "--out", tmp_path / "out")
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert not (tmp_path / "out").exists()
