@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "repeatable; SCALE defaults to 1.0")  # fmt: skip
     p.add_argument("--scheduler", default=None,
                    help="write this scheduler's config instead of the source's (lcm after an LCM-LoRA)")  # fmt: skip
+    p.add_argument("--timestep-dtype", choices=["f32", "i64"], default="f32",
+                   help="the UNet's timestep input: f32 keeps fractional (Karras) timesteps exact; i64 is what "
+                   "optimum-intel exports and openvino.genai feeds, for folders other pipelines load")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -67,6 +70,7 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             config=args.config,
             scheduler=args.scheduler,
+            timestep_dtype=args.timestep_dtype,
             log=print,
         )
     except ConvertError as e:

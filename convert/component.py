@@ -21,7 +21,7 @@ IRS = {"text_encoder": ["text_encoder"], "text_encoder_2": ["text_encoder_2"], "
 
 
 def trace_component(source: dict, name: str, tmp: Path, weight_format: str, pooled_dim: int | None,
-                    loader=None, loras: list | None = None) -> dict:  # fmt: skip
+                    loader=None, loras: list | None = None, timestep_dtype: str = "f32") -> dict:  # fmt: skip
     """Load `name` from the source (or `loader`) and write its IR(s) + config.json into tmp; -> trace facts."""
     import torch
 
@@ -49,7 +49,7 @@ def trace_component(source: dict, name: str, tmp: Path, weight_format: str, pool
         if model.config.in_channels != 4:
             raise ConvertError(f"{src.location}: UNet has {model.config.in_channels} input channels; "
                                "only 4 (text-to-image) is supported")  # fmt: skip
-        specs = {"unet": wrappers.unet_spec(model, pooled_dim)}
+        specs = {"unet": wrappers.unet_spec(model, pooled_dim, timestep_dtype=timestep_dtype)}
     else:
         specs = {"vae_encoder": wrappers.vae_encoder_spec(model), "vae_decoder": wrappers.vae_decoder_spec(model)}
     for ir, spec in specs.items():
@@ -71,7 +71,8 @@ def _child(argv: list[str]) -> int:
 
                 quiet_libraries()
                 result = trace_component(args["source"], args["name"], Path(args["tmp"]), args["weight_format"],
-                                         args["pooled_dim"], loras=args.get("loras"))  # fmt: skip
+                                         args["pooled_dim"], loras=args.get("loras"),
+                                         timestep_dtype=args.get("timestep_dtype", "f32"))  # fmt: skip
             else:
                 result = check(args["name"], Path(args["out_dir"]), args["weight_format"], args["params"])
         result["peak_rss"] = rss.peak
@@ -88,7 +89,8 @@ def run(what: str, args: dict, isolate: bool, loader=None) -> dict:
         with PeakRSS() as rss:
             if what == "trace":
                 result = trace_component(args["source"], args["name"], Path(args["tmp"]), args["weight_format"],
-                                         args["pooled_dim"], loader, args.get("loras"))  # fmt: skip
+                                         args["pooled_dim"], loader, args.get("loras"),
+                                         args.get("timestep_dtype", "f32"))  # fmt: skip
             else:
                 result = check(args["name"], Path(args["out_dir"]), args["weight_format"], args["params"])
         result["peak_rss"] = rss.peak

@@ -84,6 +84,7 @@ def convert_pipeline(
     isolate: bool = True,
     loras: list[tuple[str, float]] | None = None,
     scheduler: str | None = None,
+    timestep_dtype: str = "f32",
 ) -> Path:
     """isolate: each component's tracing and each IR's check run in a child process (the peak memory of the
     conversion is then that of its largest step); tests of tiny models turn it off for speed."""
@@ -123,7 +124,8 @@ def convert_pipeline(
             if name not in src.components:
                 continue
             args = {"source": asdict(src), "name": name, "tmp": str(tmp), "weight_format": weight_format,
-                    "pooled_dim": pooled_dim, "loras": [[str(f), float(sc)] for f, sc in loras or []]}  # fmt: skip
+                    "pooled_dim": pooled_dim, "loras": [[str(f), float(sc)] for f, sc in loras or []],
+                    "timestep_dtype": timestep_dtype}  # fmt: skip
             traced = component.run("trace", args, isolate, loader if src.kind == "single-file" else None)
             pooled_dim = traced.pop("pooled_dim", pooled_dim)
             trace_rss = traced.pop("peak_rss")
@@ -148,6 +150,7 @@ def convert_pipeline(
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         info = {
             "weight_format": weight_format,
+            "timestep_dtype": timestep_dtype,
             "source": src.location,
             "loras": [[str(f), float(sc)] for f, sc in loras or []],
             "versions": _versions(),

@@ -103,7 +103,8 @@ def text_encoder_2_spec(model, batch: int = 2) -> Spec:
     return Spec(TextEncoderWithProjection(model), {"input_ids": ids}, {"input_ids": [-1, 77]}, outputs)
 
 
-def unet_spec(model, pooled_dim: int, height: int = 72, width: int = 56, batch: int = 2) -> Spec:
+def unet_spec(model, pooled_dim: int, height: int = 72, width: int = 56, batch: int = 2,
+              timestep_dtype: str = "f32") -> Spec:  # fmt: skip
     """pooled_dim: text_encoder_2's projection_dim. The rest of the added conditioning is time ids:
     6 * 256 + 1280 = 2816 (base), 5 * 256 + 1280 = 2560 (refiner, aesthetic score).
     The example latent (9 x 7) is not a multiple of 2**upsamplers on purpose: diffusers then passes each skip
@@ -117,7 +118,9 @@ def unet_spec(model, pooled_dim: int, height: int = 72, width: int = 56, batch: 
         raise ValueError(f"unet projection_class_embeddings_input_dim does not fit text_encoder_2 ({pooled_dim})")
     inputs = {
         "sample": torch.randn(batch, lat_c, height // 8, width // 8, generator=gen).to(dtype),
-        "timestep": torch.tensor([537.25]),  # [1] float32: fractional timesteps stay exact
+        # [1] float32: fractional timesteps (Karras sigmas) stay exact; i64 is what optimum exports and
+        # openvino.genai feeds
+        "timestep": torch.tensor([537.25]) if timestep_dtype == "f32" else torch.tensor([537], dtype=torch.int64),
         "encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, generator=gen).to(dtype),
         "text_embeds": torch.randn(batch, pooled_dim, generator=gen).to(dtype),
         "time_ids": torch.tensor([[height, width, 0, 0, height, width, 6.0][:n_ids]] * batch).to(dtype),
