@@ -13,7 +13,6 @@ import torch
 from convert.check import CHECK_FILE
 from convert.wrappers import Spec
 
-WEIGHT_FORMATS = ("fp16", "fp32", "int8", "int4")
 INT4_GROUP_SIZE = 64
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import openvino as ov
@@ -14,8 +12,8 @@ import torch
 
 from convert.errors import ConvertError
 from convert.pipeline import convert_pipeline
+from tests import cli
 from tests.cli import assert_one_line_error
-from tests.models import ROOT
 
 KINDS = ["base", "refiner", "ssd-1b", "vega", "lcm"]
 CORE = ov.Core()
@@ -173,8 +171,7 @@ def test_weight_formats(tiny, tmp_path, fmt, expected):
 
 # -- bad input: one line on stderr, exit code 2, nothing left behind ---------------------------------------
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return cli.run("convert", *args)
 
 
 def _write_index(folder, cls):

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests import cli
 from tests.cli import assert_one_line_error
 from tests.models import ROOT
 
 
 def _cli(*args):
-    cmd = [sys.executable, "-m", "runtime.generate", "--precision", "f32", "--cache-dir", "", "--quiet"]
-    cmd += [str(a) for a in args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return cli.run("runtime.generate", "--precision", "f32", "--cache-dir", "", "--quiet", *args)
 
 
 def _ok(proc):

@@ -4,8 +4,6 @@ fuse_lora, for the diffusers/PEFT and kohya key formats; bad LoRAs are one-line 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +11,8 @@ import torch
 from convert.errors import ConvertError
 from convert.lora import apply_loras, check_loras
 from convert.pipeline import convert_pipeline
-from tests import parity
-from tests.models import ROOT, source_dir
+from tests import cli, parity
+from tests.models import source_dir
 
 SMALL = dict(prompt="a photo of a cat", negative_prompt="blurry", height=192, width=256, num_inference_steps=4)
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -292,8 +290,7 @@ def test_api_errors_and_untouched_components(base_loras, tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return cli.run("convert", *args)
 
 
 def test_cli_bad_loras(tmp_path):

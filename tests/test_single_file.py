@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import openvino as ov
@@ -15,8 +13,8 @@ import torch
 
 from convert.errors import ConvertError
 from convert.pipeline import convert_pipeline
+from tests import cli
 from tests.cli import assert_one_line_error
-from tests.models import ROOT
 from tests.single_file import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, write_single_file
 
 CORE = ov.Core()
@@ -39,8 +37,7 @@ def configs(tiny, tmp_path_factory):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "convert", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    return cli.run("convert", *args)
 
 
 def test_file_round_trips_through_diffusers(tiny, checkpoint, configs):
