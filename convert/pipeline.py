@@ -45,10 +45,9 @@ FLAG_DEFAULTS = {
 }
 
 
-def _prepare_output(output: Path, overwrite: bool) -> Path:
+def _prepare_output(output: Path) -> Path:
+    """A temporary folder beside OUTPUT (whose existence convert_pipeline has checked), proven writable."""
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise ConvertError(f"{output} exists; pass --overwrite to replace it")
     parent = output.resolve().parent
     if not parent.is_dir():
         raise ConvertError(f"{output}: parent folder {parent} does not exist")
@@ -103,7 +102,7 @@ def convert_pipeline(
         from convert.lora import check_loras
 
         check_loras(loras, components=src.components)  # files exist, scales are numbers: before any output is written
-    tmp = _prepare_output(Path(output), overwrite)
+    tmp = _prepare_output(Path(output))
     t_start = time.perf_counter()
     # A single file is loaded once as a whole pipeline, so its components are converted in this process.
     isolate = isolate and src.kind != "single-file"

@@ -22,31 +22,20 @@ class Spec:
 
 
 class TextEncoder(torch.nn.Module):
-    """CLIPTextModel -> last_hidden_state, pooler_output, hidden_states.0..N (clip_skip needs them all)."""
+    """A CLIP text model -> `heads` (optimum's order), then hidden_states.0..N (clip_skip needs them all).
+    CLIPTextModel: last_hidden_state, pooler_output; CLIPTextModelWithProjection: text_embeds, last_hidden_state."""
 
-    def __init__(self, model):
+    def __init__(self, model, heads: tuple[str, str]):
         super().__init__()
-        self.model = model
+        self.model, self.heads = model, heads
 
     def forward(self, input_ids):
         out = self.model(input_ids, output_hidden_states=True, return_dict=True)
-        return (out.last_hidden_state, out.pooler_output, *out.hidden_states)
-
-
-class TextEncoderWithProjection(torch.nn.Module):
-    """CLIPTextModelWithProjection -> text_embeds (pooled, projected), last_hidden_state, hidden_states.*."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        out = self.model(input_ids, output_hidden_states=True, return_dict=True)
-        return (out.text_embeds, out.last_hidden_state, *out.hidden_states)
+        return (*(getattr(out, h) for h in self.heads), *out.hidden_states)
 
 
 class UNet(torch.nn.Module):
-    """UNet2DConditionModel with SDXL's text_time added conditioning as flat inputs; float timestep."""
+    """UNet2DConditionModel with SDXL's text_time added conditioning as flat inputs."""
 
     def __init__(self, model, with_timestep_cond: bool):
         super().__init__()
@@ -82,25 +71,25 @@ class VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
-def _n_hidden(model) -> int:
-    return model.config.num_hidden_layers + 1
+def _text_spec(model, heads: tuple[str, str], ids: torch.Tensor) -> Spec:
+    outputs = [*heads] + [f"hidden_states.{i}" for i in range(model.config.num_hidden_layers + 1)]
+    return Spec(TextEncoder(model, heads), {"input_ids": ids}, {"input_ids": [-1, 77]}, outputs)
+
+
+def _example_ids(model, batch: int, eos_at: int, pad: int) -> torch.Tensor:
+    ids = torch.randint(1, model.config.vocab_size - 2, (batch, 77), generator=torch.Generator().manual_seed(0))
+    ids[:, 0], ids[:, eos_at], ids[:, eos_at + 1 :] = 49406, 49407, pad  # bos, text, eos, padding
+    return ids
 
 
 def text_encoder_spec(model, batch: int = 2) -> Spec:
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, model.config.vocab_size - 2, (batch, 77), generator=gen)
-    ids[:, 0], ids[:, 20:] = 49406, 49407  # bos, text, eos + eos padding
-    outputs = ["last_hidden_state", "pooler_output"] + [f"hidden_states.{i}" for i in range(_n_hidden(model))]
-    return Spec(TextEncoder(model), {"input_ids": ids}, {"input_ids": [-1, 77]}, outputs)
+    """CLIPTextModel; tokenizer pads with eos (49407)."""
+    return _text_spec(model, ("last_hidden_state", "pooler_output"), _example_ids(model, batch, 20, 49407))
 
 
 def text_encoder_2_spec(model, batch: int = 2) -> Spec:
-    spec = text_encoder_spec(model, batch)
-    ids = spec.inputs["input_ids"]
-    ids[:, 20:] = 0  # tokenizer_2 pads with "!" (id 0) after the eos
-    ids[:, 19] = 49407
-    outputs = ["text_embeds", "last_hidden_state"] + [f"hidden_states.{i}" for i in range(_n_hidden(model))]
-    return Spec(TextEncoderWithProjection(model), {"input_ids": ids}, {"input_ids": [-1, 77]}, outputs)
+    """CLIPTextModelWithProjection; tokenizer_2 pads with "!" (id 0) after the eos."""
+    return _text_spec(model, ("text_embeds", "last_hidden_state"), _example_ids(model, batch, 19, 0))
 
 
 def unet_spec(model, pooled_dim: int, height: int = 72, width: int = 56, batch: int = 2,

@@ -103,6 +103,12 @@ class SDXLPipeline:
         self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
         self.default_size = int(self.unet_config.get("sample_size", 128)) * self.vae_scale_factor
         self.time_cond_proj_dim = self.unet_config.get("time_cond_proj_dim")
+        # VAE latent normalisation: scaling_factor, and per-channel mean/std where the config has them
+        self.scaling_factor = np.float32(self.vae_config.get("scaling_factor", 0.13025))
+        self.latents_mean = self.latents_std = None
+        if self.vae_config.get("latents_mean") is not None and self.vae_config.get("latents_std") is not None:
+            self.latents_mean = np.asarray(self.vae_config["latents_mean"], np.float32).reshape(1, -1, 1, 1)
+            self.latents_std = np.asarray(self.vae_config["latents_std"], np.float32).reshape(1, -1, 1, 1)
 
         cfg = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
         # SDXL's VAE overflows in f16 (force_upcast); bf16 has f32's range.
@@ -164,33 +170,23 @@ class SDXLPipeline:
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
         latents = mean + std * generator.randn(mean.shape)
-        cfg = self.vae_config
-        if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
-            lat_mean = np.asarray(cfg["latents_mean"], np.float32).reshape(1, -1, 1, 1)
-            lat_std = np.asarray(cfg["latents_std"], np.float32).reshape(1, -1, 1, 1)
-            return ((latents - lat_mean) * np.float32(cfg["scaling_factor"]) / lat_std).astype(np.float32)
-        return (np.float32(cfg.get("scaling_factor", 0.13025)) * latents).astype(np.float32)
+        if self.latents_mean is not None:
+            return ((latents - self.latents_mean) * self.scaling_factor / self.latents_std).astype(np.float32)
+        return (self.scaling_factor * latents).astype(np.float32)
 
-    def release(self, vae: bool = False) -> None:
-        """Free the compiled UNet and text encoders (and the VAE): low-memory mode between stages. The next call
-        compiles again, fast with the model cache."""
+    def release(self) -> None:
+        """Free the compiled UNet and text encoders: low-memory mode between the base and the refiner. The next
+        call compiles again, fast with the model cache."""
         self.unet.release()
         for enc in self.text_encoders:
             enc.encoder.release()
-        if vae:
-            self.vae_decoder.release()
-            if self._vae_encoder is not None:
-                self._vae_encoder.release()
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """[N, 4, h, w] latents -> [N, H, W, 3] uint8, one image per VAE call (lower peak memory, same numbers)."""
-        cfg = self.vae_config
-        if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
-            mean = np.asarray(cfg["latents_mean"], np.float32).reshape(1, -1, 1, 1)
-            std = np.asarray(cfg["latents_std"], np.float32).reshape(1, -1, 1, 1)
-            scaled = latents * std / np.float32(cfg["scaling_factor"]) + mean
+        if self.latents_mean is not None:
+            scaled = latents * self.latents_std / self.scaling_factor + self.latents_mean
         else:
-            scaled = latents / np.float32(cfg.get("scaling_factor", 0.13025))
+            scaled = latents / self.scaling_factor
         images = [
             to_uint8(self.vae_decoder({"latent_sample": scaled[i : i + 1]})["sample"]) for i in range(len(scaled))
         ]

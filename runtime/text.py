@@ -38,7 +38,7 @@ class TextEncoder:
         self.tokenizer, self.encoder = tokenizer, encoder
         self.n_hidden = sum(1 for n in encoder.output_names if n.startswith("hidden_states."))  # layers + 1
         # The pooled output diffusers uses is the projected one of CLIPTextModelWithProjection.
-        self.has_pooled = encoder.has_input("input_ids") and "text_embeds" in encoder.output_names
+        self.has_pooled = "text_embeds" in encoder.output_names
 
     def __call__(self, texts: list[str], skips: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """Encode texts; row i takes hidden_states[-(skips[i] + 2)] (SDXL indexes from the penultimate layer)."""
