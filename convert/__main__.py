@@ -16,10 +16,20 @@ weight formats:
   int4  the UNet's MatMul weights in NNCF 4-bit symmetric groups of 64 (16-32 where 64 does not divide the
         channels); its convolutions, embeddings and last layer, the text encoders and the VAE in int8
 
+UNet quantization (--quantize-unet, NNCF post-training, calibrated on the runtime's own denoising steps):
+  int8    weights and activations of every Convolution and MatMul in int8 (transformer model type), except
+          conv_in, conv_out and up_blocks.2.resnets.2.conv_shortcut, kept in higher precision
+  hybrid  optimum-intel's hybrid mode: MatMul and embedding weights int8-compressed (weight-only); weights and
+          activations quantized in the convolutions and in the MatMuls between activations (attention)
+  --weight-format then applies to the text encoders and the VAE. Calibration runs the pipeline --calibration-size
+  UNet calls long (evenly spaced steps of each prompt); a fidelity report (quantization_report.json) compares
+  generations of the quantized and the unquantized UNet.
+
 examples:
   python -m convert ./stable-diffusion-xl-base-1.0 ./sdxl-base-ov
   python -m convert ./sd_xl_base_1.0.safetensors ./sdxl-base-ov --config ./sdxl-base-diffusers-configs
   python -m convert stabilityai/stable-diffusion-xl-base-1.0 ./sdxl-base-ov --weight-format int8
+  python -m convert ./segmind-vega ./vega-int8 --quantize-unet int8 --calibration-size 128
 """
 
 
@@ -44,7 +54,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timestep-dtype", choices=["f32", "i64"], default="f32",
                    help="the UNet's timestep input: f32 keeps fractional (Karras) timesteps exact; i64 is what "
                    "optimum-intel exports and openvino.genai feeds, for folders other pipelines load")  # fmt: skip
+    q = p.add_argument_group("UNet quantization")
+    q.add_argument("--quantize-unet", choices=["int8", "hybrid"], default=None)
+    q.add_argument("--calibration-prompts", metavar="FILE", default=None,
+                   help="prompts, one per line (default: a built-in list of 24 varied prompts)")  # fmt: skip
+    q.add_argument("--calibration-size", type=int, default=None, metavar="N",
+                   help="UNet calls to record for calibration (default 64)")  # fmt: skip
+    q.add_argument("--calibration-steps", type=int, default=None, metavar="N",
+                   help="denoising steps per calibration prompt (default: 4 for LCM models, else 20)")  # fmt: skip
+    q.add_argument(
+        "--calibration-resolution",
+        default=None,
+        metavar="HxW",
+        help="image size of the calibration generations (default: the model's, 1024x1024 for SDXL)",
+    )
+    q.add_argument("--report-samples", type=int, default=None, metavar="N",
+                   help="generations in the fidelity report (default 3; 0: no report)")  # fmt: skip
     return p.parse_args(argv)
+
+
+def calibration_from_args(args: argparse.Namespace):
+    """-> a convert.quantize.Calibration, or None without --quantize-unet (whose options then are an error)."""
+    given = [f"--{k.replace('_', '-')}" for k in ("calibration_prompts", "calibration_size", "calibration_steps",
+             "calibration_resolution", "report_samples") if getattr(args, k) is not None]  # fmt: skip
+    if args.quantize_unet is None:
+        if given:
+            raise ConvertError(f"{given[0]} needs --quantize-unet int8|hybrid")
+        return None
+    from convert.quantize import Calibration, read_prompts
+
+    cal = Calibration(prompts=read_prompts(args.calibration_prompts))
+    if args.calibration_size is not None:
+        cal.size = args.calibration_size
+    cal.steps = args.calibration_steps
+    if args.report_samples is not None:
+        cal.report_samples = args.report_samples
+    if args.calibration_resolution:
+        h, sep, w = args.calibration_resolution.lower().partition("x")
+        try:
+            cal.height, cal.width = int(h), int(w if sep else h)
+        except ValueError:
+            raise ConvertError(f"--calibration-resolution {args.calibration_resolution!r}: expected HxW, "
+                               "e.g. 512x512") from None  # fmt: skip
+    return cal
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -62,7 +114,10 @@ def main(argv=None) -> int:
     try:
         from convert.pipeline import convert_pipeline
 
+        calibration = calibration_from_args(args)
         convert_pipeline(
+            quantize_unet=args.quantize_unet,
+            calibration=calibration,
             loras=[parse_lora(s) for s in args.lora],
             source=args.source,
             output=args.output,

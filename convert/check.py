@@ -53,15 +53,6 @@ class PeakRSS:
         self.peak = max(self.peak, self.current())
 
 
-CHECK_FILE = ".check.npz"
-# Checking in f32 needs the weights decompressed to f32 plus the mapped file: above this (the SDXL and refiner
-# UNets) the check runs at the device's default precision (bf16 here) to keep the conversion under 12 GB, with a
-# tolerance to match: bf16 (8-bit mantissa) through the full-size random-weight SDXL UNet measured 4.7 % of
-# max|ref| here, where a conversion error shows as O(100 %).
-F32_CHECK_LIMIT = 8 * 2**30
-BF16_TOLERANCE = 0.15
-
-
 def check(name: str, out_dir: Path, weight_format: str, params: int) -> dict:
     """Run the written IR, as the runtime will read it, on the traced inputs; compare with torch's outputs.
     Raises ConvertError outside tolerance (also on NaN)."""

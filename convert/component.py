@@ -61,8 +61,27 @@ def trace_component(source: dict, name: str, tmp: Path, weight_format: str, pool
     return facts
 
 
+def _task(what: str, args: dict, loader=None) -> dict:
+    """One stage of a conversion: trace, check, or (convert.quantize) calibrate, quantize, report."""
+    if what == "trace":
+        return trace_component(args["source"], args["name"], Path(args["tmp"]), args["weight_format"],
+                               args["pooled_dim"], loader, args.get("loras"),
+                               args.get("timestep_dtype", "f32"))  # fmt: skip
+    if what == "check":
+        return check(args["name"], Path(args["out_dir"]), args["weight_format"], args["params"])
+    from convert import quantize
+
+    if what == "calibrate":
+        return quantize.calibrate(Path(args["model_dir"]), Path(args["out_file"]), args["calibration"])
+    if what == "quantize":
+        return quantize.quantize(Path(args["xml"]), Path(args["samples"]), args["mode"], Path(args["out_xml"]))
+    if what == "report":
+        return quantize.report(Path(args["quantized"]), Path(args["reference"]), args["calibration"])
+    raise ValueError(f"unknown stage {what!r}")
+
+
 def _child(argv: list[str]) -> int:
-    """python -m convert.component trace|check ARGS_JSON RESULT_JSON"""
+    """python -m convert.component trace|check|calibrate|quantize|report ARGS_JSON RESULT_JSON"""
     what, args, result_path = argv[0], json.loads(argv[1]), Path(argv[2])
     try:
         with PeakRSS() as rss:
@@ -70,11 +89,7 @@ def _child(argv: list[str]) -> int:
                 from convert.pipeline import quiet_libraries
 
                 quiet_libraries()
-                result = trace_component(args["source"], args["name"], Path(args["tmp"]), args["weight_format"],
-                                         args["pooled_dim"], loras=args.get("loras"),
-                                         timestep_dtype=args.get("timestep_dtype", "f32"))  # fmt: skip
-            else:
-                result = check(args["name"], Path(args["out_dir"]), args["weight_format"], args["params"])
+            result = _task(what, args)
         result["peak_rss"] = rss.peak
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -84,15 +99,10 @@ def _child(argv: list[str]) -> int:
 
 
 def run(what: str, args: dict, isolate: bool, loader=None) -> dict:
-    """Run a trace or a check, in a child process when `isolate`; ConvertError either way."""
+    """Run one stage, in a child process when `isolate`; ConvertError either way."""
     if not isolate:
         with PeakRSS() as rss:
-            if what == "trace":
-                result = trace_component(args["source"], args["name"], Path(args["tmp"]), args["weight_format"],
-                                         args["pooled_dim"], loader, args.get("loras"),
-                                         args.get("timestep_dtype", "f32"))  # fmt: skip
-            else:
-                result = check(args["name"], Path(args["out_dir"]), args["weight_format"], args["params"])
+            result = _task(what, args, loader)
         result["peak_rss"] = rss.peak
         return result
     with tempfile.TemporaryDirectory() as d:
@@ -104,7 +114,7 @@ def run(what: str, args: dict, isolate: bool, loader=None) -> dict:
             if errors:
                 raise ConvertError(errors[-1])
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-            raise RuntimeError(f"{what} of {args.get('name')} failed (exit {proc.returncode}):\n{tail}")
+            raise RuntimeError(f"{what} of {args.get('name', 'the UNet')} failed (exit {proc.returncode}):\n{tail}")
         return json.loads(out.read_text())
 
 

@@ -84,9 +84,13 @@ def convert_pipeline(
     loras: list[tuple[str, float]] | None = None,
     scheduler: str | None = None,
     timestep_dtype: str = "f32",
+    quantize_unet: str | None = None,
+    calibration=None,
 ) -> Path:
     """isolate: each component's tracing and each IR's check run in a child process (the peak memory of the
-    conversion is then that of its largest step); tests of tiny models turn it off for speed."""
+    conversion is then that of its largest step); tests of tiny models turn it off for speed.
+    quantize_unet: "int8" or "hybrid" (convert.quantize), calibrated as `calibration` (a quantize.Calibration)
+    says; the UNet is then traced in fp16 (fp32 with weight_format fp32), weight_format applies to the rest."""
     from dataclasses import asdict
 
     src = resolve(source, config)  # bad input fails here, before the heavy imports
@@ -98,6 +102,13 @@ def convert_pipeline(
     quiet_libraries()
     if scheduler:
         _swap_scheduler({"_class_name": "EulerDiscreteScheduler"}, scheduler)  # unknown names fail before work
+    if quantize_unet:
+        from convert import quantize
+
+        if quantize_unet not in quantize.MODES:
+            raise ConvertError(f"--quantize-unet {quantize_unet!r}: choose one of {', '.join(quantize.MODES)}")
+        calibration = calibration or quantize.Calibration()
+        quantize.check_settings(calibration)
     if loras:
         from convert.lora import check_loras
 
@@ -122,14 +133,17 @@ def convert_pipeline(
         for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
             if name not in src.components:
                 continue
-            args = {"source": asdict(src), "name": name, "tmp": str(tmp), "weight_format": weight_format,
+            fmt = weight_format
+            if name == "unet" and quantize_unet:  # quantized after calibration, from full-precision weights
+                fmt = "fp32" if weight_format == "fp32" else "fp16"
+            args = {"source": asdict(src), "name": name, "tmp": str(tmp), "weight_format": fmt,
                     "pooled_dim": pooled_dim, "loras": [[str(f), float(sc)] for f, sc in loras or []],
                     "timestep_dtype": timestep_dtype}  # fmt: skip
             traced = component.run("trace", args, isolate, loader if src.kind == "single-file" else None)
             pooled_dim = traced.pop("pooled_dim", pooled_dim)
             trace_rss = traced.pop("peak_rss")
             for ir, facts in traced.items():
-                args = {"name": ir, "out_dir": str(tmp / ir), "weight_format": weight_format, "params": facts["params"]}
+                args = {"name": ir, "out_dir": str(tmp / ir), "weight_format": fmt, "params": facts["params"]}
                 checked = component.run("check", args, isolate)
                 r = Result(ir, facts["params"], facts["seconds"] + checked["check_seconds"], checked["bytes"],
                            checked["max_abs_diff"], checked["ref_max_abs"], checked["tolerance"],
@@ -147,6 +161,7 @@ def convert_pipeline(
         for flag, default in FLAG_DEFAULTS.get(index["_class_name"], {}).items():
             index.setdefault(flag, default)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        quantization = _quantize_unet(tmp, quantize_unet, calibration, isolate, log) if quantize_unet else None
         info = {
             "weight_format": weight_format,
             "timestep_dtype": timestep_dtype,
@@ -154,6 +169,7 @@ def convert_pipeline(
             "loras": [[str(f), float(sc)] for f, sc in loras or []],
             "versions": _versions(),
             "submodels": {ir: asdict(r) for ir, r in results.items()},
+            "unet_quantization": quantization,
         }  # fmt: skip
         (tmp / "convert_info.json").write_text(json.dumps(info, indent=2))
         _finish(tmp, Path(output))
@@ -161,6 +177,54 @@ def convert_pipeline(
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"done in {time.perf_counter() - t_start:.1f} s: {output}")
     return Path(output)
+
+
+def _quantize_unet(tmp: Path, mode: str, calibration, isolate: bool, log) -> dict:
+    """Calibrate on the complete folder in tmp, quantize its UNet, then report the quantized folder against the
+    unquantized one (a folder of links to tmp's other submodels); -> the facts convert_info.json keeps."""
+    from dataclasses import asdict
+
+    from convert import component, quantize
+
+    work = tmp.parent / f"{tmp.name}.quantize"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    cal = asdict(calibration)
+    try:
+        args = {"model_dir": str(tmp), "out_file": str(work / "samples.npz"), "calibration": cal}
+        calibrated = component.run("calibrate", args, isolate)
+        log(f"calibration     {calibrated['samples']} UNet calls from {calibrated['generations']} generations, "
+            f"{calibrated['steps']} steps at {calibrated['height']}x{calibrated['width']}  "
+            f"{calibrated['seconds']:7.1f} s  peak RSS {calibrated['peak_rss'] / 2**30:.2f} GiB")  # fmt: skip
+        args = {"xml": str(tmp / "unet" / "openvino_model.xml"), "samples": str(work / "samples.npz"), "mode": mode,
+                "out_xml": str(work / "unet" / "openvino_model.xml")}  # fmt: skip
+        quantized = component.run("quantize", args, isolate)
+        (work / "samples.npz").unlink()
+        size = sum(f.stat().st_size for f in (work / "unet").glob("openvino_model.*"))
+        log(f"unet {mode:10s} {quantized['ops']['FakeQuantize']} FakeQuantize, {quantized['ops']['int8_constants']} "
+            f"int8 constants  {quantized['seconds']:7.1f} s  {size / 2**20:9.1f} MiB  "
+            f"peak RSS {quantized['peak_rss'] / 2**30:.2f} GiB")  # fmt: skip
+        reference = work / "reference"  # tmp as it was: links to its submodels, and the unquantized UNet
+        reference.mkdir()
+        for entry in tmp.iterdir():
+            if entry.name != "unet":
+                (reference / entry.name).symlink_to(entry.resolve())
+        shutil.copy(tmp / "unet" / "config.json", work / "unet" / "config.json")
+        (tmp / "unet").rename(reference / "unet")
+        (work / "unet").rename(tmp / "unet")
+        facts = {"mode": mode, "calibration": {**calibrated, "prompts": len(calibration.prompts)},
+                 "quantize": quantized, "ir_bytes": size}  # fmt: skip
+        if calibration.report_samples:
+            log(f"fidelity report: {calibration.report_samples} generation(s), quantized vs unquantized UNet")
+            args = {"quantized": str(tmp), "reference": str(reference), "calibration": cal}
+            facts["fidelity"] = component.run("report", args, isolate)
+            s = facts["fidelity"]["summary"]
+            log(f"fidelity        mean PSNR {s['mean_psnr_db']:.2f} dB (min {s['min_psnr_db']:.2f}), "
+                f"max latents relative error {s['max_latents_rel_error']:.4f}")  # fmt: skip
+        quantize.write_report(tmp, facts)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return facts
 
 
 def _swap_scheduler(config: dict, name: str) -> dict:

@@ -1,0 +1,347 @@
+"""Post-training INT8 quantization of a converted folder's UNet with NNCF, calibrated on the runtime's own steps.
+
+Three stages, each run in a child process by convert.component (the peak memory is then that of one stage):
+  calibrate  the torch-free runtime generates from calibration prompts with a recording wrapper around the UNet's
+             infer request and keeps the UNet inputs of evenly spaced steps the sampler really visits;
+  quantize   nncf.quantize on those inputs: `int8` quantizes weights and activations of every Convolution and
+             MatMul (transformer model type, as the OpenVINO SDXL notebooks do) except the layers the notebooks
+             keep in higher precision; `hybrid` is optimum-intel's hybrid quantization: int8 weight-only
+             compression of the MatMuls and embeddings, weights and activations quantized in the rest;
+  report     the same generations with the quantized and the unquantized folder: latents' relative error and
+             image PSNR, written to quantization_report.json beside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from convert.errors import ConvertError
+
+MODES = ("int8", "hybrid")
+REPORT_FILE = "quantization_report.json"
+# Kept in f16/bf16 in the OpenVINO SDXL notebooks: the first and last convolution and one sensitive shortcut.
+SENSITIVE_LAYERS = ("conv_in", "conv_out", "up_blocks.2.resnets.2.conv_shortcut")
+
+# Varied subjects, styles and lengths; the default when no --calibration-prompts file is given.
+DEFAULT_PROMPTS = [
+    "a photograph of an astronaut riding a horse on the moon",
+    "portrait of an old fisherman with a weathered face, dramatic rembrandt lighting, 85mm",
+    "a cozy reading nook with a window seat, rain outside, warm lamp light",
+    "isometric pixel art of a small medieval village at dusk",
+    "a bowl of ramen with a soft-boiled egg, steam rising, food photography",
+    "watercolor painting of cherry blossoms over a quiet river",
+    "a futuristic city skyline at night with neon signs and flying cars, cyberpunk",
+    "macro shot of a dewdrop on a green leaf, shallow depth of field",
+    "an oil painting of a stormy sea with a lighthouse, in the style of turner",
+    "a red fox sitting in fresh snow, golden hour, wildlife photography",
+    "minimalist logo of a mountain and the sun, flat vector, two colors",
+    "a medieval knight in ornate armor standing in a misty forest",
+    "aerial view of terraced rice fields in the morning fog",
+    "a cute robot watering plants in a greenhouse, 3d render, pixar style",
+    "black and white street photography, a man with an umbrella crossing a busy street",
+    "a bustling spice market in marrakech, vibrant colors",
+    "ancient greek marble statue of a woman, museum lighting",
+    "a steaming cup of coffee on a wooden table next to an open book",
+    "concept art of an alien jungle with bioluminescent plants",
+    "a vintage sports car parked on a coastal road, 1960s film photograph",
+    "children's book illustration of a bear having a picnic with a rabbit",
+    "the interior of a gothic cathedral with stained glass light beams",
+    "a snow-covered mountain cabin under the northern lights",
+    "studio photo of a pair of sneakers floating on a pastel background",
+]
+
+
+@dataclass
+class Calibration:
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    size: int = 64  # UNet calls recorded
+    steps: int | None = None  # the sampler's steps per prompt (None: 4 for LCM models, else 20)
+    height: int | None = None  # None: the model's default size
+    width: int | None = None
+    report_samples: int = 3  # prompt/seed pairs in the fidelity report (0: no report)
+
+
+def read_prompts(path: str | None) -> list[str]:
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise ConvertError(f"--calibration-prompts {path}: cannot read it ({reason})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConvertError(f"--calibration-prompts {path}: the file has no prompts (one per line)")
+    return prompts
+
+
+def check_settings(cal: Calibration) -> None:
+    """Bad numbers fail before any conversion work."""
+    if cal.size < 1:
+        raise ConvertError(f"--calibration-size {cal.size}: must be at least 1 (UNet calls to record)")
+    if cal.steps is not None and cal.steps < 1:
+        raise ConvertError(f"--calibration-steps {cal.steps}: must be at least 1")
+    if cal.report_samples < 0:
+        raise ConvertError(f"--report-samples {cal.report_samples}: must be 0 or more")
+    for name, v in (("height", cal.height), ("width", cal.width)):
+        if v is not None and (v < 8 or v % 8):
+            raise ConvertError(f"--calibration-resolution: {name} {v} must be a positive multiple of 8")
+
+
+# -- calibrate ---------------------------------------------------------------------------------------------
+class _RecordingRequest:
+    """An InferRequest that hands a copy of its inputs to `sink` before each inference."""
+
+    def __init__(self, request, sink):
+        self._request, self._sink, self._tensors = request, sink, {}
+
+    def set_tensor(self, name, tensor):
+        self._tensors[name] = tensor
+        self._request.set_tensor(name, tensor)
+
+    def infer(self, inputs=None):
+        self._sink({k: np.array(t.data, copy=True) for k, t in self._tensors.items()})
+        return self._request.infer() if inputs is None else self._request.infer(inputs)
+
+    def __getattr__(self, name):
+        return getattr(self._request, name)
+
+
+class _RecordingUNet:
+    """Stands in for the pipeline's UNet OVModel; the requests it compiles record their inputs."""
+
+    def __init__(self, unet, sink):
+        self._unet, self._sink = unet, sink
+
+    def compile(self, shapes):
+        return _RecordingRequest(self._unet.compile(shapes), self._sink)
+
+    def __getattr__(self, name):
+        return getattr(self._unet, name)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _generation_settings(pipe, steps: int | None) -> dict:
+    """The runtime CLI's defaults for this folder (LCM recipe or diffusers' SDXL defaults)."""
+    from argparse import Namespace
+
+    from runtime.generate import resolve_presets
+
+    args = resolve_presets(Namespace(scheduler=None, steps=steps, guidance_scale=None), pipe)
+    if steps is None:
+        args.steps = min(args.steps, 20)
+    return {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "scheduler": args.scheduler}
+
+
+def _refiner_image(pipe, seed: int, height: int, width: int) -> dict:
+    """A refiner denoises the low-noise end of the schedule: SDEdit from latents (strength 0.3), as after a base."""
+    from runtime.rng import TorchGenerator
+
+    f = pipe.vae_scale_factor
+    latents = TorchGenerator(seed + 7919).randn((1, 4, height // f, width // f)) * np.float32(0.6)
+    return {"image": latents.astype(np.float32), "strength": 0.3}
+
+
+def calibrate(model_dir: Path, out_file: Path, cal: dict) -> dict:
+    """Run the runtime over the calibration prompts; save the recorded UNet inputs to out_file (npz)."""
+    from runtime.pipeline import SDXLPipeline
+
+    cal = Calibration(**cal)
+    t0 = time.perf_counter()
+    pipe = SDXLPipeline(model_dir, cache_dir=None)
+    settings = _generation_settings(pipe, cal.steps)
+    steps = settings["num_inference_steps"]
+    height = cal.height or pipe.default_size
+    width = cal.width or pipe.default_size
+    samples: list[dict] = []
+    # a refiner denoises only the last 30 % of the schedule (see _refiner_image)
+    visits = max(1, int(steps * 0.3)) if pipe.is_refiner else steps
+    per_prompt = min(visits, math.ceil(cal.size / len(cal.prompts)))
+    keep: set[int] = set()
+    calls = [0]
+
+    def sink(inputs: dict) -> None:
+        if calls[0] in keep:
+            samples.append(inputs)
+            keep.discard(calls[0])
+        calls[0] += 1
+        if not keep:
+            raise _Stop  # nothing more to record from this generation: skip its remaining steps
+
+    pipe.unet = _RecordingUNet(pipe.unet, sink)
+    generations = 0
+    while len(samples) < cal.size:
+        prompt = cal.prompts[generations % len(cal.prompts)]
+        seed = generations  # a new seed for each pass over the prompts
+        k = min(per_prompt, cal.size - len(samples))
+        keep = {int(round(i)) for i in np.linspace(0, visits - 1, k)} if k > 1 else {visits // 2}
+        calls[0] = 0
+        kw = dict(prompt=prompt, seed=seed, height=height, width=width, output_type="latent", **settings)
+        if pipe.is_refiner:
+            del kw["height"], kw["width"]
+            kw |= _refiner_image(pipe, seed, height, width)
+        try:
+            pipe(**kw)
+        except _Stop:
+            pass
+        generations += 1
+    names = list(samples[0])
+    np.savez(out_file, **{f"{i}:{name}": s[name] for i, s in enumerate(samples) for name in names})
+    facts = {"samples": len(samples), "generations": generations, "steps": steps, "height": height, "width": width,
+             "guidance_scale": settings["guidance_scale"], "prompts": len(cal.prompts),
+             "seconds": time.perf_counter() - t0}  # fmt: skip
+    return facts
+
+
+def load_samples(path: Path) -> list[dict]:
+    with np.load(path) as data:
+        out: dict[int, dict] = {}
+        for key in data.files:
+            i, name = key.split(":", 1)
+            out.setdefault(int(i), {})[name] = data[key]
+    return [out[i] for i in sorted(out)]
+
+
+# -- quantize ----------------------------------------------------------------------------------------------
+def _weight_source(node):
+    """The Constant behind a weight input (through the f16->f32 Convert), or None."""
+    while node.get_type_name() == "Convert":
+        node = node.input_value(0).get_node()
+    return node if node.get_type_name() == "Constant" else None
+
+
+def weighted_ops(model) -> list[str]:
+    """MatMuls with a constant operand and embedding Gathers: what hybrid mode compresses weight-only."""
+    names = []
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind == "MatMul" and any(_weight_source(op.input_value(i).get_node()) for i in range(2)):
+            names.append(op.get_friendly_name())
+        elif kind == "Gather" and _weight_source(op.input_value(0).get_node()) is not None:
+            if op.input_value(0).get_element_type().is_real():
+                names.append(op.get_friendly_name())
+    return names
+
+
+def sensitive_ops(model) -> list[str]:
+    """The Convolutions of SENSITIVE_LAYERS present in this UNet (traced names end in <module path>/aten::...)."""
+    out = []
+    for op in model.get_ops():
+        if op.get_type_name() != "Convolution":
+            continue
+        path = op.get_friendly_name().split("/")[0]
+        if any(path.endswith("." + layer) for layer in SENSITIVE_LAYERS):
+            out.append(op.get_friendly_name())
+    return out
+
+
+def quantize(xml: Path, samples_file: Path, mode: str, out_xml: Path) -> dict:
+    import logging
+
+    import nncf
+    import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    nncf.set_log_level(logging.WARNING)  # keep NNCF's progress bars, drop its per-node notices
+
+    t0 = time.perf_counter()
+    model = ov.Core().read_model(xml)
+    samples = load_samples(samples_file)
+    keep = sensitive_ops(model)
+    common = dict(subset_size=len(samples), model_type=nncf.ModelType.TRANSFORMER)
+    if mode == "int8":
+        quantized = nncf.quantize(model, nncf.Dataset(samples), ignored_scope=nncf.IgnoredScope(names=keep), **common)
+    elif mode == "hybrid":
+        weight_only = weighted_ops(model)
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                           ignored_scope=nncf.IgnoredScope(types=["Convolution"]))  # fmt: skip
+        no_smooth_quant = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
+        quantized = nncf.quantize(compressed, nncf.Dataset(samples), advanced_parameters=no_smooth_quant,
+                                  ignored_scope=nncf.IgnoredScope(names=weight_only + keep, validate=False),
+                                  **common)  # fmt: skip
+    else:
+        raise ConvertError(f"--quantize-unet {mode!r}: choose one of {', '.join(MODES)}")
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantized, out_xml)
+    counts = op_counts(quantized)
+    return {"mode": mode, "samples": len(samples), "kept_in_higher_precision": keep, "ops": counts,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def op_counts(model) -> dict:
+    """FakeQuantize nodes and int8/uint8 weight constants: proof the IR is quantized."""
+    fq = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+    low = sum(
+        op.get_type_name() == "Constant" and op.get_output_element_type(0).get_type_name() in ("i8", "u8")
+        for op in model.get_ops()
+    )
+    return {"FakeQuantize": fq, "int8_constants": low}
+
+
+# -- report ------------------------------------------------------------------------------------------------
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _generate_all(model_dir: Path, jobs: list[dict]) -> list:
+    from runtime.pipeline import SDXLPipeline
+
+    pipe = SDXLPipeline(model_dir, cache_dir=None)
+    out = [pipe(**job) for job in jobs]
+    del pipe
+    return out
+
+
+def report(quantized_dir: Path, reference_dir: Path, cal: dict, log=print) -> dict:
+    """Generate the same images with both folders; latents' relative error and PSNR per prompt and seed."""
+    from runtime.pipeline import SDXLPipeline
+
+    cal = Calibration(**cal)
+    t0 = time.perf_counter()
+    ref = SDXLPipeline(reference_dir, cache_dir=None)
+    settings = _generation_settings(ref, cal.steps)
+    height, width = cal.height or ref.default_size, cal.width or ref.default_size
+    prompts = [DEFAULT_PROMPTS[(7 * i) % len(DEFAULT_PROMPTS)] for i in range(cal.report_samples)]
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        job = dict(prompt=prompt, seed=1000 + i, height=height, width=width, output_type="np", **settings)
+        if ref.is_refiner:
+            del job["height"], job["width"]
+            job |= _refiner_image(ref, 1000 + i, height, width)
+        jobs.append(job)
+    precision = ref.core.get_property("CPU", "INFERENCE_PRECISION_HINT") if ref.device == "CPU" else ref.device
+    del ref
+    refs, quants = _generate_all(reference_dir, jobs), _generate_all(quantized_dir, jobs)
+    rows = []
+    for job, r, q in zip(jobs, refs, quants, strict=True):
+        rel = float(np.linalg.norm(q.latents - r.latents) / max(np.linalg.norm(r.latents), 1e-12))
+        rows.append({"prompt": job["prompt"], "seed": job["seed"], "latents_rel_error": rel,
+                     "psnr_db": psnr(q.images, r.images)})  # fmt: skip
+        log(f"  seed {job['seed']}: latents relative error {rel:.4f}, image PSNR {rows[-1]['psnr_db']:.2f} dB"
+            f"  ({job['prompt'][:48]})")  # fmt: skip
+    summary = {"mean_psnr_db": float(np.mean([r["psnr_db"] for r in rows])),
+               "min_psnr_db": float(min(r["psnr_db"] for r in rows)),
+               "max_latents_rel_error": float(max(r["latents_rel_error"] for r in rows))}  # fmt: skip
+    return {"settings": {"steps": settings["num_inference_steps"], "guidance_scale": settings["guidance_scale"],
+                         "height": height, "width": width, "device": "CPU", "inference_precision": str(precision)},
+            "samples": rows, "summary": summary, "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def write_report(out_dir: Path, facts: dict) -> Path:
+    path = out_dir / REPORT_FILE
+    path.write_text(json.dumps(facts, indent=2, allow_nan=True))
+    return path
+
+
+def calibration_dict(cal: Calibration) -> dict:
+    return asdict(cal)
