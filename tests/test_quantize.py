@@ -177,3 +177,19 @@ def test_calibration_options_need_quantize_unet_and_output_must_not_exist(tmp_pa
     (tmp_path / "exists").mkdir()
     proc = cli.run("convert", models.source_dir("base"), tmp_path / "exists", "--quantize-unet", "int8")
     assert_one_line_error(proc, "exists")
+
+
+def test_statistics_fall_back_to_default_precision_where_f32_would_not_fit(tmp_path, monkeypatch):
+    from nncf.openvino import engine
+
+    folder = models.ov_dir("base", "fp32")
+    xml = folder / "unet" / "openvino_model.xml"
+    assert quantize.statistics_precision(CORE.read_model(xml)) == "f32"  # a tiny UNet fits anywhere
+    monkeypatch.setattr(quantize, "_memory_total", lambda: 2**20)
+    assert quantize.statistics_precision(CORE.read_model(xml)) == "default"
+    quantize.calibrate(folder, tmp_path / "s.npz", asdict(_calibration(size=2)))
+    original = engine.OVNativeEngine.__init__
+    facts = quantize.quantize(xml, tmp_path / "s.npz", "int8", tmp_path / "q" / "openvino_model.xml")
+    assert facts["statistics_precision"] == "default" and not facts["smooth_quant"]
+    assert facts["ops"]["FakeQuantize"] > 0
+    assert engine.OVNativeEngine.__init__ is original  # NNCF is left as it was
