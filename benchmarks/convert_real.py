@@ -23,6 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
 MODELS = ["sdxl-base-1.0", "sdxl-refiner-1.0", "ssd-1b", "segmind-vega", "lcm-ssd-1b"]
+# the mid-size benchmark model (convert/tiny.py "mid": a guided UNet call of about 0.2 s at 512x512 here)
+MID = "mid"
 
 
 def build(name: str, out: Path) -> None:
@@ -39,6 +41,11 @@ def build(name: str, out: Path) -> None:
 
     from convert.clip_vocab import write_clip_tokenizer
 
+    if name == MID:
+        from convert.tiny import build_tiny_pipeline
+
+        build_tiny_pipeline("mid", out)
+        return
     cfg = json.loads((CONFIGS / f"{name}.json").read_text())
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)  # parameters are created in fp16: half the memory and disk
@@ -80,22 +87,26 @@ def measure(cmd: list[str]) -> tuple[float, int, int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.convert_real")
-    p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    p.add_argument("--models", nargs="+", default=MODELS, choices=[*MODELS, MID])
     p.add_argument("--weight-format", default="fp16", choices=["fp16", "fp32", "int8", "int4"])
+    p.add_argument("--timestep-dtype", default="f32", choices=["f32", "i64"],
+                   help="i64: folders openvino.genai and optimum-intel load (benchmarks.run's anchors)")  # fmt: skip
     p.add_argument("--work", type=Path, default=HERE / "out", help="where the random-weight models go")
     p.add_argument("--keep", action="store_true", help="keep the built and converted folders")
     args = p.parse_args(argv)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     for name in args.models:
-        src, ov_dir = args.work / f"{name}-random", args.work / f"{name}-random-ov-{args.weight_format}"
+        suffix = "-i64" if args.timestep_dtype == "i64" else ""
+        src, ov_dir = args.work / f"{name}-random", args.work / f"{name}-random-ov-{args.weight_format}{suffix}"
         if not (src / "model_index.json").is_file():
             t0 = time.perf_counter()
             subprocess.check_call([sys.executable, "-c", f"from benchmarks.convert_real import build; from pathlib "
                                    f"import Path; build({name!r}, Path({str(src)!r}))"])  # fmt: skip
             print(f"{name}: built random-weight fp16 folder in {time.perf_counter() - t0:.0f} s")
         shutil.rmtree(ov_dir, ignore_errors=True)
-        cmd = [sys.executable, "-m", "convert", str(src), str(ov_dir), "--weight-format", args.weight_format]
+        cmd = [sys.executable, "-m", "convert", str(src), str(ov_dir), "--weight-format", args.weight_format,
+               "--timestep-dtype", args.timestep_dtype]  # fmt: skip
         seconds, peak, code = measure(cmd)
         if code != 0:
             print(f"{name}: conversion failed with exit code {code}")

@@ -91,3 +91,32 @@ def draw_chart(path: Path, bars: list[tuple[str, float, str]], title: str) -> No
         d.text((left + w + 6, y + 4), f"{v:.4g} s", fill="black", font=font)
         y += row
     img.save(path)
+
+
+def target_rows(ours: dict, rss: int, anchors: dict) -> list[dict]:
+    """The issue's targets, each with the measured value: overhead ratio, end to end against genai (static) and
+    optimum-intel, peak RSS against genai, and a warm start (model cache present) against a cold one."""
+    rows = [{"target": "overhead ratio (end to end / bound)", "limit": 1.02,
+             "value": ours["end_to_end"] / ours["bound"] if ours.get("bound") else None}]  # fmt: skip
+    for arm, limit in (("genai-static", 1.02), ("optimum", 0.92)):
+        e2e = anchors.get(arm, {}).get("end_to_end")
+        value = ours["end_to_end"] / e2e if e2e else None
+        rows.append({"target": f"end to end / {arm}", "limit": limit, "value": value})
+    for arm in ("genai-static", "genai"):
+        other = anchors.get(arm, {}).get("peak_rss_bytes")
+        rows.append({"target": f"peak RSS / {arm}", "limit": 1.0, "value": rss / other if other else None})
+    cold = (ours.get("load") or 0) + (ours.get("compile_cold") or 0)
+    warm = (ours.get("load") or 0) + (ours.get("compile_warm") or 0)
+    rows.append({"target": "warm start / cold start (load + compile)", "limit": 0.5,
+                 "value": warm / cold if cold and ours.get("compile_warm") is not None else None})  # fmt: skip
+    for r in rows:
+        r["met"] = None if r["value"] is None else r["value"] <= r["limit"]
+    return rows
+
+
+def target_table(rows: list[dict]) -> str:
+    lines = ["| target | measured | limit | met |", "|---|---:|---:|---|"]
+    for r in rows:
+        met = "—" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['target']} | {_s(r['value'], 3)} | <= {r['limit']} | {met} |")
+    return "\n".join(lines)

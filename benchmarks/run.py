@@ -494,6 +494,7 @@ def main(argv=None) -> int:
             "guidance_scale": args.guidance_scale, "runs": args.runs, "warmup": args.warmup,
             "medians": ours, "peak_rss_bytes": rss, "bound": ours["bound"], "overhead_ratio": overhead,
             "images_per_s": 1 / ours["end_to_end"], "anchors": anchor_summary,
+            "targets": report.target_rows(ours, rss, anchor_summary),
         }  # fmt: skip
         emit(summary)
 
@@ -503,7 +504,8 @@ def main(argv=None) -> int:
     bound_line = (f"bound (pure model calls) {ours['bound']:.4f} s, end to end {ours['end_to_end']:.4f} s, "
                   f"overhead ratio {overhead:.3f}; {summary['images_per_s']:.3f} images/s, "
                   f"peak RSS {rss / 2**20:.0f} MiB")  # fmt: skip
-    text = "\n\n".join([head, report.stage_table(ours), bound_line, report.anchor_table(rows)]) + "\n"
+    text = "\n\n".join([head, report.stage_table(ours), bound_line, report.anchor_table(rows),
+                         report.target_table(summary["targets"])]) + "\n"  # fmt: skip
     (out / "table.md").write_text(text)
     group = {k: "setup" for k in report.OUTSIDE} | {k: "bound" for k in report.BOUND}
     bars = [(k, ours[k], group.get(k, "ours")) for k in report.stage_order(ours)]

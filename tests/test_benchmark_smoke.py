@@ -41,9 +41,16 @@ def test_benchmark_smoke(tmp_path):
     assert 0 < summary["bound"] <= summary["medians"]["end_to_end"] * 1.5
     assert summary["overhead_ratio"] > 0 and summary["images_per_s"] > 0
     assert "overhead ratio" in proc.stdout
+    targets = {t["target"]: t for t in summary["targets"]}
+    assert targets["overhead ratio (end to end / bound)"]["value"] == summary["overhead_ratio"]
+    warm = targets["warm start / cold start (load + compile)"]
+    m = summary["medians"]
+    assert warm["value"] == (m["load"] + m["compile_warm"]) / (m["load"] + m["compile_cold"])
+    assert targets["end to end / optimum"]["value"] is None and targets["end to end / optimum"]["met"] is None
 
     table = (out / "table.md").read_text()
     assert "| stage | median s | share of end-to-end |" in table and "| end_to_end |" in table
+    assert "| target | measured | limit | met |" in table
     with Image.open(out / "stages.png") as im:
         im.load()
         assert im.width > 0 and im.height > 0
