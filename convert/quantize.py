@@ -249,8 +249,11 @@ def sensitive_ops(model) -> list[str]:
 # its peak memory measured about 4.7x the UNet's f32 weights (Segmind Vega, 745 M parameters: 14.0 GiB in int8
 # mode), and the SDXL UNet (2.6 B) went over 24 GB with f32 statistics, with or without SmoothQuant, and with
 # SmoothQuant even at bf16 statistics. Where f32 statistics would not fit in this share of the machine's memory,
-# quantization runs lean: statistics at the device's default precision (bf16 on CPUs that have it) and no
-# SmoothQuant (as optimum-intel's hybrid mode always does).
+# quantization runs lean: the weights are first compressed to symmetric per-channel int8 (what the quantized
+# layers' weights become anyway), then the activations are quantized without SmoothQuant (as optimum-intel's
+# hybrid mode does), with statistics at the device's default precision (bf16 on CPUs that have it). On Vega the
+# lean int8 IR ran as fast as the standard one (1.72 vs 1.73 s per call at 512x512) with half the peak memory
+# while quantizing (7.0 GiB, f32 statistics).
 STATISTICS_MEMORY_FACTOR = 4.7
 STATISTICS_MEMORY_SHARE = 0.85
 
@@ -321,9 +324,13 @@ def _run_nncf(model, samples: list[dict], mode: str, keep: list[str], common: di
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     no_smooth_quant = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
-    if mode == "int8":
-        quantized = nncf.quantize(model, nncf.Dataset(samples), ignored_scope=nncf.IgnoredScope(names=keep),
-                                  advanced_parameters=no_smooth_quant if lean else None, **common)  # fmt: skip
+    if mode == "int8" and lean:  # weights to int8 first: the statistics model then holds int8, not f32, weights
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM,
+                                           ignored_scope=nncf.IgnoredScope(names=keep, validate=False))  # fmt: skip
+        quantized = nncf.quantize(compressed, nncf.Dataset(samples), advanced_parameters=no_smooth_quant,
+                                  ignored_scope=nncf.IgnoredScope(names=keep, validate=False), **common)  # fmt: skip
+    elif mode == "int8":
+        quantized = nncf.quantize(model, nncf.Dataset(samples), ignored_scope=nncf.IgnoredScope(names=keep), **common)
     elif mode == "hybrid":
         weight_only = weighted_ops(model)
         compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,

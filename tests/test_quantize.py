@@ -44,7 +44,7 @@ def quantized(tmp_path_factory):
 
 def _producer(op, port: int):
     node = op.input_value(port).get_node()
-    while node.get_type_name() in ("Convert", "Reshape"):
+    while node.get_type_name() in ("Convert", "Reshape", "Transpose"):  # FakeQuantize may sit before these
         node = node.input_value(0).get_node()
     return node
 
@@ -179,7 +179,7 @@ def test_calibration_options_need_quantize_unet_and_output_must_not_exist(tmp_pa
     assert_one_line_error(proc, "exists")
 
 
-def test_statistics_fall_back_to_default_precision_where_f32_would_not_fit(tmp_path, monkeypatch):
+def test_lean_quantization_where_f32_statistics_would_not_fit(tmp_path, monkeypatch):
     from nncf.openvino import engine
 
     folder = models.ov_dir("base", "fp32")
@@ -191,5 +191,19 @@ def test_statistics_fall_back_to_default_precision_where_f32_would_not_fit(tmp_p
     original = engine.OVNativeEngine.__init__
     facts = quantize.quantize(xml, tmp_path / "s.npz", "int8", tmp_path / "q" / "openvino_model.xml")
     assert facts["statistics_precision"] == "default" and not facts["smooth_quant"]
-    assert facts["ops"]["FakeQuantize"] > 0
     assert engine.OVNativeEngine.__init__ is original  # NNCF is left as it was
+    # lean int8: weights compressed first, then activations quantized; the same layers as the standard mode
+    lean, standard = CORE.read_model(tmp_path / "q" / "openvino_model.xml"), CORE.read_model(xml)
+    kept = set(quantize.sensitive_ops(standard))
+    convs = [op for op in lean.get_ops() if op.get_type_name() == "Convolution"]
+    assert kept and len(convs) > len(kept)
+    for op in convs:
+        quantized = op.get_friendly_name() not in kept
+        assert (_producer(op, 0).get_type_name() == "FakeQuantize") == quantized, op.get_friendly_name()
+        assert _weight_is_int8(op) == quantized, op.get_friendly_name()
+    weighted = set(quantize.weighted_ops(standard))
+    matmuls = [op for op in lean.get_ops() if op.get_type_name() == "MatMul" and op.get_friendly_name() in weighted]
+    assert matmuls and all(_weight_is_int8(op) for op in matmuls)
+    # activations quantized everywhere but in the two embedding MLPs fed by a Concat (time, added conditions)
+    unquantized = [op.get_friendly_name() for op in matmuls if _producer(op, 0).get_type_name() != "FakeQuantize"]
+    assert all("time_embedding" in n or "add_embedding" in n for n in unquantized), unquantized
