@@ -13,6 +13,7 @@ Time and memory do not depend on weight values: the fp16 folders `python -m benc
     python -m benchmarks.quant_real prepare --models segmind-vega ssd-1b sdxl-base-1.0
     python -m benchmarks.quant_real time --models segmind-vega ssd-1b sdxl-base-1.0 --size 512 --rounds 3
     python -m benchmarks.quant_real time --models sdxl-base-1.0 --size 1024 --rounds 1 --calls 2
+    python -m benchmarks.quant_real table      # the newest record of each model, size and variant
 """
 
 from __future__ import annotations
@@ -166,11 +167,29 @@ def time_all(models: list[str], size: int, rounds: int, calls: int, variants: li
             continue
         suffix = next(v[1] for v in variants if v[0] == name)
         calls_all = [c for run in rec["runs"] for c in run["calls_s"]]
-        rec |= {"median_call_s": statistics.median(calls_all), "peak_rss": max(x["peak_rss"] for x in rec["runs"]),
-                "rss_after_compile": max(x["rss_after_compile"] for x in rec["runs"]),
-                "ir_bytes": ir_bytes(variant_xml(model, suffix))}  # fmt: skip
+        rec |= {"median_call_s": statistics.median(calls_all), "ir_bytes": ir_bytes(variant_xml(model, suffix))}
+        rec |= _rss(rec["runs"])
         out.append(rec)
     return out
+
+
+def _rss(runs: list[dict]) -> dict:
+    """Peak RSS of the last round (compiled from the model cache, as the runtime does by default); the first
+    round's (a cold compile, which holds more) is kept beside it."""
+    return {"peak_rss": runs[-1]["peak_rss"], "rss_after_compile": runs[-1]["rss_after_compile"],
+            "peak_rss_first_round": runs[0]["peak_rss"]}  # fmt: skip
+
+
+def latest_records() -> list[dict]:
+    """The newest timing record of each (model, size, variant) in the results file, in first-seen order."""
+    out: dict[tuple, dict] = {}
+    for line in RESULTS.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("stage") == "time":
+            rec |= _rss(rec["runs"])
+            out.pop((rec["model"], rec["size"], rec["variant"]), None)
+            out[(rec["model"], rec["size"], rec["variant"])] = rec
+    return sorted(out.values(), key=lambda r: (r["size"], r["model"], [v[0] for v in VARIANTS].index(r["variant"])))
 
 
 def table(records: list[dict]) -> str:
@@ -198,7 +217,7 @@ def main(argv=None) -> int:
         return 0
     p = argparse.ArgumentParser(prog="python -m benchmarks.quant_real", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("stage", choices=["prepare", "time"])
+    p.add_argument("stage", choices=["prepare", "time", "table"], help="table: the newest records as markdown")
     p.add_argument("--models", nargs="+", default=["segmind-vega", "ssd-1b", "sdxl-base-1.0"])
     p.add_argument("--size", type=int, default=512, help="image size of the timed calls (latent size / 8)")
     p.add_argument("--rounds", type=int, default=3)
@@ -210,6 +229,9 @@ def main(argv=None) -> int:
     p.add_argument("--calibration-resolution", type=int, default=512)
     args = p.parse_args(argv)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if args.stage == "table":
+        print(table(latest_records()))
+        return 0
     env = {"openvino": _version("openvino"), "nncf": _version("nncf"), "cpu": platform.processor() or "cpu",
            "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip
     if args.stage == "prepare":

@@ -385,7 +385,8 @@ def report(quantized_dir: Path, reference_dir: Path, cal: dict, log=print) -> di
             del job["height"], job["width"]
             job |= _refiner_image(ref, 1000 + i, height, width)
         jobs.append(job)
-    precision = ref.core.get_property("CPU", "INFERENCE_PRECISION_HINT") if ref.device == "CPU" else ref.device
+    hint = ref.core.get_property("CPU", "INFERENCE_PRECISION_HINT") if ref.device == "CPU" else ref.device
+    precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # an ov.Type: "bf16"
     del ref
     refs, quants = _generate_all(reference_dir, jobs), _generate_all(quantized_dir, jobs)
     rows = []

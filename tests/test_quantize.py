@@ -105,6 +105,7 @@ def test_runtime_generates_with_the_quantized_unet_and_the_report_is_right(quant
     # Regenerate the report's sample with the quantized folder and with an unquantized conversion of the same
     # source: the figures match, and the quantized UNet differs from the unquantized one (it is the one used).
     s = report["fidelity"]["settings"]
+    assert s["inference_precision"] in ("f32", "bf16", "f16")
     job = dict(prompt=sample["prompt"], seed=sample["seed"], num_inference_steps=s["steps"], height=s["height"],
                width=s["width"], guidance_scale=s["guidance_scale"])  # fmt: skip
     q = SDXLPipeline(folder, cache_dir=None)(**job)
