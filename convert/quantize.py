@@ -182,7 +182,7 @@ def calibrate(model_dir: Path, out_file: Path, cal: dict) -> dict:
     generations = 0
     while len(samples) < cal.size:
         prompt = cal.prompts[generations % len(cal.prompts)]
-        seed = generations  # a new seed for each pass over the prompts
+        seed = generations  # a new seed per generation: another pass over the prompts sees new noise
         k = min(per_prompt, cal.size - len(samples))
         keep = {int(round(i)) for i in np.linspace(0, visits - 1, k)} if k > 1 else {visits // 2}
         calls[0] = 0
@@ -190,10 +190,13 @@ def calibrate(model_dir: Path, out_file: Path, cal: dict) -> dict:
         if pipe.is_refiner:
             del kw["height"], kw["width"]
             kw |= _refiner_image(pipe, seed, height, width)
+        before = len(samples)
         try:
             pipe(**kw)
         except _Stop:
             pass
+        if len(samples) == before:  # never loop forever on a sampler that calls the UNet less than planned
+            raise ConvertError(f"calibration: a {steps}-step generation made fewer UNet calls than {max(keep) + 1}")
         generations += 1
     names = list(samples[0])
     np.savez(out_file, **{f"{i}:{name}": s[name] for i, s in enumerate(samples) for name in names})
