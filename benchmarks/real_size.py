@@ -75,8 +75,8 @@ def child(spec: dict) -> dict:
                       denoising_start=frac, output_type="np")  # fmt: skip
         refiner(**ref_kw)  # prime: compiles the refiner's UNet
         ref = _timed(refiner, **ref_kw)
-        out |= {"base": {k: v for k, v in base.items() if k != "result"},
-                "refiner": {k: v for k, v in ref.items() if k != "result"},
+        out |= {"parts": {"base": {k: v for k, v in base.items() if k != "result"},
+                          "refiner": {k: v for k, v in ref.items() if k != "result"}},
                 "end_to_end_s": base["end_to_end_s"] + ref["end_to_end_s"]}  # fmt: skip
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
@@ -88,10 +88,12 @@ def _step(part: dict) -> float:
 
 def project(rec: dict, target: int, steps: int) -> float:
     """Seconds per image at `target` steps from a run of `steps` steps (base + refiner: split at the hand-off)."""
-    if "refiner" in rec and isinstance(rec["refiner"], dict):
+    if "parts" in rec:
         n_base = round(target * rec["high_noise_frac"])
-        parts = {"base": n_base, "refiner": target - n_base}
-        return sum(rec[p]["end_to_end_s"] + (n - len(rec[p]["steps_s"]) - 1) * _step(rec[p]) for p, n in parts.items())
+        counts = {"base": n_base, "refiner": target - n_base}
+        parts = rec["parts"]
+        return sum(parts[p]["end_to_end_s"] + (n - len(parts[p]["steps_s"]) - 1) * _step(parts[p])
+                   for p, n in counts.items())  # fmt: skip
     return rec["end_to_end_s"] + (target - steps) * _step(rec)
 
 

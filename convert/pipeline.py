@@ -212,8 +212,7 @@ def _quantize_unet(tmp: Path, mode: str, calibration, isolate: bool, log) -> dic
         shutil.copy(tmp / "unet" / "config.json", work / "unet" / "config.json")
         (tmp / "unet").rename(reference / "unet")
         (work / "unet").rename(tmp / "unet")
-        facts = {"mode": mode, "calibration": {**calibrated, "prompts": len(calibration.prompts)},
-                 "quantize": quantized, "ir_bytes": size}  # fmt: skip
+        facts = {"mode": mode, "calibration": calibrated, "quantize": quantized, "ir_bytes": size}
         if calibration.report_samples:
             log(f"fidelity report: {calibration.report_samples} generation(s), quantized vs unquantized UNet")
             args = {"quantized": str(tmp), "reference": str(reference), "calibration": cal}

@@ -17,7 +17,7 @@ import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -362,15 +362,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def _generate_all(model_dir: Path, jobs: list[dict]) -> list:
-    from runtime.pipeline import SDXLPipeline
-
-    pipe = SDXLPipeline(model_dir, cache_dir=None)
-    out = [pipe(**job) for job in jobs]
-    del pipe
-    return out
-
-
 def report(quantized_dir: Path, reference_dir: Path, cal: dict, log=print) -> dict:
     """Generate the same images with both folders; latents' relative error and PSNR per prompt and seed."""
     from runtime.pipeline import SDXLPipeline
@@ -388,10 +379,14 @@ def report(quantized_dir: Path, reference_dir: Path, cal: dict, log=print) -> di
             del job["height"], job["width"]
             job |= _refiner_image(ref, 1000 + i, height, width)
         jobs.append(job)
-    hint = ref.core.get_property("CPU", "INFERENCE_PRECISION_HINT") if ref.device == "CPU" else ref.device
+    hint = ref.core.get_property(ref.device, "INFERENCE_PRECISION_HINT")
     precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)  # an ov.Type: "bf16"
-    del ref
-    refs, quants = _generate_all(reference_dir, jobs), _generate_all(quantized_dir, jobs)
+    device = ref.device
+    refs = [ref(**job) for job in jobs]
+    del ref  # one pipeline's models in memory at a time
+    quant = SDXLPipeline(quantized_dir, cache_dir=None)
+    quants = [quant(**job) for job in jobs]
+    del quant
     rows = []
     for job, r, q in zip(jobs, refs, quants, strict=True):
         rel = float(np.linalg.norm(q.latents - r.latents) / max(np.linalg.norm(r.latents), 1e-12))
@@ -403,7 +398,7 @@ def report(quantized_dir: Path, reference_dir: Path, cal: dict, log=print) -> di
                "min_psnr_db": float(min(r["psnr_db"] for r in rows)),
                "max_latents_rel_error": float(max(r["latents_rel_error"] for r in rows))}  # fmt: skip
     return {"settings": {"steps": settings["num_inference_steps"], "guidance_scale": settings["guidance_scale"],
-                         "height": height, "width": width, "device": "CPU", "inference_precision": str(precision)},
+                         "height": height, "width": width, "device": device, "inference_precision": precision},
             "samples": rows, "summary": summary, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -411,7 +406,3 @@ def write_report(out_dir: Path, facts: dict) -> Path:
     path = out_dir / REPORT_FILE
     path.write_text(json.dumps(facts, indent=2, allow_nan=True))
     return path
-
-
-def calibration_dict(cal: Calibration) -> dict:
-    return asdict(cal)
