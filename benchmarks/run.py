@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"
-ANCHORS = ("genai", "genai-static", "diffusers", "optimum")
+ANCHORS = ("genai", "genai-static", "optimum", "optimum-static", "diffusers")
 MARK = "@@BENCH@@ "
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile",
              "amx_bf16", "amx_int8")  # fmt: skip
@@ -213,12 +213,18 @@ def _ov_config(spec: dict) -> dict:
     return {"INFERENCE_PRECISION_HINT": spec["precision"]} if spec.get("precision") else {}
 
 
-def _prime_and_time(call, steps: int, stages: dict) -> dict:
-    """An anchor's end to end: one untimed 1-step call at the measured size, then the timed call."""
+def _prime_and_time(call, steps: int, stages: dict, model_calls=None) -> dict:
+    """An anchor's end to end: one untimed 1-step call at the measured size, then the timed call.
+    model_calls: where the anchor can tell, seconds spent in its model calls during the timed call (a function
+    called before it, to reset, and after it)."""
     call(1)
+    if model_calls:
+        model_calls()
     t = now()
     call(steps)
     stages["end_to_end"] = now() - t
+    if model_calls:
+        stages["model_calls"] = model_calls()
     return {"stages": stages, "peak_rss_bytes": peak_rss_bytes()}
 
 
@@ -242,7 +248,12 @@ def worker_genai(spec: dict, static: bool) -> dict:
     def call(steps):
         return pipe.generate(PROMPT, width=w, height=h, num_inference_steps=steps, guidance_scale=g, rng_seed=0)
 
-    return _prime_and_time(call, spec["steps"], st)
+    def model_calls():  # genai's own per-call timers (UNet in microseconds, encoders and VAE in milliseconds)
+        m = pipe.get_performance_metrics()
+        return (sum(m.raw_metrics.unet_inference_durations) / 1e6 + sum(m.get_text_encoder_infer_duration().values())
+                / 1e3 + m.get_vae_decoder_infer_duration() / 1e3)  # fmt: skip
+
+    return _prime_and_time(call, spec["steps"], st, model_calls)
 
 
 def worker_diffusers(spec: dict) -> dict:
@@ -264,25 +275,52 @@ def worker_diffusers(spec: dict) -> dict:
     return _prime_and_time(call, spec["steps"], st)
 
 
-def worker_optimum(spec: dict) -> dict:
+class _TimedCompiled:
+    """Wraps an optimum-intel pipeline part's compiled model (which it calls directly) to time each call."""
+
+    def __init__(self, compiled, log: list, name: str):
+        self._compiled, self._log, self._name = compiled, log, name
+
+    def __call__(self, *args, **kwargs):
+        t = now()
+        out = self._compiled(*args, **kwargs)
+        self._log.append((self._name, now() - t))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._compiled, name)
+
+
+def worker_optimum(spec: dict, static: bool) -> dict:
     from optimum.intel import OVStableDiffusionXLPipeline
 
     h, w = spec["height"], spec["width"]
     st = {}
     t = now()
-    pipe = OVStableDiffusionXLPipeline.from_pretrained(spec["model"], device=spec["device"], compile=False,
+    pipe = OVStableDiffusionXLPipeline.from_pretrained(spec["model"], device=spec["device"], compile=not static,
                                                        ov_config=_ov_config(spec))  # fmt: skip
-    st["load"] = now() - t
-    t = now()
-    pipe.reshape(batch_size=1, height=h, width=w, num_images_per_prompt=1)
-    pipe.compile()
-    st["compile"] = now() - t
+    st["load"] = now() - t  # dynamic: includes the compile, as genai's constructor does
+    if static:
+        t = now()
+        pipe.reshape(batch_size=1, height=h, width=w, num_images_per_prompt=1)
+        pipe.compile()
+        st["compile"] = now() - t
+    log: list[tuple[str, float]] = []
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
+        part = getattr(pipe, name, None)
+        if part is not None and getattr(part, "request", None) is not None:
+            part.request = _TimedCompiled(part.request, log, name)
 
     def call(steps):
         return pipe(PROMPT, height=h, width=w, num_inference_steps=steps, guidance_scale=spec["guidance_scale"],
                     output_type="np")  # fmt: skip
 
-    return _prime_and_time(call, spec["steps"], st)
+    def model_calls():  # None unless the UNet's calls were among those timed
+        spent = sum(t for _, t in log) if any(name == "unet" for name, _ in log) else None
+        log.clear()
+        return spent
+
+    return _prime_and_time(call, spec["steps"], st, model_calls)
 
 
 WORKERS = {
@@ -290,7 +328,8 @@ WORKERS = {
     "genai": lambda s: worker_genai(s, static=False),
     "genai-static": lambda s: worker_genai(s, static=True),
     "diffusers": worker_diffusers,
-    "optimum": worker_optimum,
+    "optimum": lambda s: worker_optimum(s, static=False),
+    "optimum-static": lambda s: worker_optimum(s, static=True),
 }
 
 
@@ -306,7 +345,7 @@ def availability(arm: str, args) -> str | None:
         if not (Path(args.diffusers_source) / "model_index.json").is_file():
             return f"{args.diffusers_source}: not a diffusers folder"
         return None
-    if arm == "optimum":
+    if arm.startswith("optimum"):
         if not args.optimum_python:
             return "no --optimum-python PATH given"
         probe = subprocess.run([args.optimum_python, "-c", "import optimum.intel"], capture_output=True)
@@ -358,8 +397,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", help="output folder (default benchmarks/out/run-<timestamp>)")
     p.add_argument("--against", default="genai,diffusers,optimum",
-                   help="anchors, comma separated: genai (runs both genai and genai-static), genai-static, "
-                        "diffusers, optimum; 'none' for ours only")  # fmt: skip
+                   help="anchors, comma separated: genai (runs genai with dynamic shapes and genai-static), "
+                        "genai-static, optimum (runs optimum-intel dynamic and optimum-static), optimum-static, "
+                        "diffusers; 'none' for ours only")  # fmt: skip
     p.add_argument("--diffusers-source", help="the diffusers folder the model was converted from")
     p.add_argument("--optimum-python", help="a Python interpreter with optimum-intel installed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -386,9 +426,10 @@ def validate(args) -> list[str]:
     for a in (x.strip() for x in args.against.split(",")):
         if a in ("", "none"):
             continue
-        for arm in ("genai", "genai-static") if a == "genai" else (a,):
+        pair = {"genai": ("genai", "genai-static"), "optimum": ("optimum", "optimum-static")}
+        for arm in pair.get(a, (a,)):
             if arm not in ANCHORS:
-                raise UsageError(f"--against {a!r}: choose from genai, genai-static, diffusers, optimum, none")
+                raise UsageError(f"--against {a!r}: choose from {', '.join(ANCHORS)}, none")
             if arm not in arms:
                 arms.append(arm)
     return arms
@@ -444,7 +485,7 @@ def main(argv=None) -> int:
             for arm in arms:
                 if arm in failed:
                     continue
-                python = args.optimum_python if arm == "optimum" else sys.executable
+                python = args.optimum_python if arm.startswith("optimum") else sys.executable
                 res = run_child(arm, spec, python)
                 if "error" in res:
                     if arm == "ours":
@@ -469,10 +510,15 @@ def main(argv=None) -> int:
                     by.setdefault(r["stage"], []).append(r.get("seconds", r.get("bytes")))
             return {k: report.median(v) for k, v in by.items()}
 
+        def e2e_by_run(arm):
+            return {r["run"]: r["seconds"] for r in records if r["kind"] == "measurement" and r["arm"] == arm
+                    and not r["warmup"] and r["stage"] == "end_to_end"}  # fmt: skip
+
         ours = medians("ours")
         rss = ours.pop("peak_rss")
         rows = [{"arm": "ours", "compile": ours["compile_cold"], "load": ours["load"],
-                 "end_to_end": ours["end_to_end"], "peak_rss_bytes": rss}]  # fmt: skip
+                 "end_to_end": ours["end_to_end"], "model_calls": ours["bound"], "peak_rss_bytes": rss,
+                 "best_end_to_end": min(e2e_by_run("ours").values())}]  # fmt: skip
         anchor_summary = {}
         for arm in anchors:
             if status[arm]:
@@ -481,7 +527,11 @@ def main(argv=None) -> int:
                 rows.append({"arm": arm, "status": f"failed: {failed[arm]}"})
             else:
                 m = medians(arm)
-                rows.append({"arm": arm, **m, "peak_rss_bytes": m.pop("peak_rss")})
+                mine, theirs = e2e_by_run("ours"), e2e_by_run(arm)
+                # ours / theirs within each run (the two ran back to back): less exposed to the machine's drift
+                paired = report.median([mine[r] / theirs[r] for r in theirs if r in mine])
+                rows.append({"arm": arm, **m, "peak_rss_bytes": m.pop("peak_rss"), "paired_ours_to_it": paired,
+                             "best_end_to_end": min(theirs.values())})  # fmt: skip
             anchor_summary[arm] = {k: v for k, v in rows[-1].items() if k != "arm"}
             if rows[-1].get("end_to_end"):
                 anchor_summary[arm]["ratio_to_ours"] = rows[-1]["end_to_end"] / ours["end_to_end"]

@@ -35,14 +35,15 @@ def source_dir(kind: str, seed: int = 0) -> Path:
     return out
 
 
-def ov_dir(kind: str, weight_format: str = "fp32", seed: int = 0) -> Path:
-    """The converted OpenVINO folder of a tiny model (converted on first use)."""
+def ov_dir(kind: str, weight_format: str = "fp32", seed: int = 0, timestep_dtype: str = "f32") -> Path:
+    """The converted OpenVINO folder of a tiny model (converted on first use); timestep_dtype "i64" gives the
+    UNet interface openvino.genai and optimum-intel call."""
     from convert.pipeline import convert_pipeline
 
-    out = CACHE / cache_key() / f"{kind}-s{seed}-ov-{weight_format}"
+    suffix = "" if timestep_dtype == "f32" else f"-{timestep_dtype}"
+    out = CACHE / cache_key() / f"{kind}-s{seed}-ov-{weight_format}{suffix}"
     if not (out / "model_index.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        convert_pipeline(
-            str(source_dir(kind, seed)), out, weight_format=weight_format, log=lambda s: None, isolate=False
-        )
+        convert_pipeline(str(source_dir(kind, seed)), out, weight_format=weight_format,
+                         timestep_dtype=timestep_dtype, log=lambda s: None, isolate=False)  # fmt: skip
     return out
