@@ -243,18 +243,18 @@ class Generation:
             latents = self._text2img_latents(generator)
         f = self.pipe.vae_scale_factor
         inputs = self._conditioning(latents.shape[2] * f, latents.shape[3] * f)
-        if self.pipe.low_memory:  # each model is compiled when its stage starts and released when it ends
-            for enc in self.pipe.text_encoders:
-                enc.encoder.release()
+        # low memory: each model is compiled when its stage starts and released when it ends; otherwise each
+        # keeps its weights and compiled graph, and only its activation buffers are freed between stages
+        for enc in self.pipe.text_encoders:
+            enc.encoder.release() if self.pipe.low_memory else enc.encoder.trim()
         model = self._denoiser(inputs, latents.shape)
         total = len(self.plan.timesteps)
         for state in self.plan.sample(latents, model, generator.randn):
             latents = state.latents
             yield StepState(state.index, total, float(state.timestep), latents, state.denoised)
         self._latents = latents
-        if self.pipe.low_memory:
-            del model
-            self.pipe.unet.release()
+        del model
+        self.pipe.unet.release() if self.pipe.low_memory else self.pipe.unet.trim()
 
     def __iter__(self) -> Iterator[StepState]:
         if self._iter is None:
@@ -269,6 +269,5 @@ class Generation:
         if self.p["output_type"] == "latent":
             return GenerationResult(latents, None, params)
         images = self.pipe.decode(latents)
-        if self.pipe.low_memory:
-            self.pipe.vae_decoder.release()
+        self.pipe.vae_decoder.release() if self.pipe.low_memory else self.pipe.vae_decoder.trim()
         return GenerationResult(latents, images, params)

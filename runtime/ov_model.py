@@ -71,6 +71,12 @@ class OVModel:
             out[name] = arr
         return out
 
+    def trim(self) -> None:
+        """Free the compiled models' intermediate buffers (activations), keep their weights and graphs: between
+        stages, so that the UNet's and the VAE's activation memory do not add up. The next call allocates again."""
+        for compiled in self._compiled.values():
+            compiled.release_memory()
+
     def release(self) -> None:
         """Drop the compiled models (their memory); the next call compiles again (fast with the model cache)."""
         self._requests.clear()

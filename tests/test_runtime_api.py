@@ -77,3 +77,24 @@ def test_low_memory_releases_each_stage_and_gives_the_same_picture(tiny, tmp_pat
     np.testing.assert_array_equal(lean.images, normal.images)
     compiled = [m._compiled for m in (pipe.unet, pipe.vae_decoder, *(e.encoder for e in pipe.text_encoders))]
     assert all(not c for c in compiled)  # nothing stays compiled between generations
+
+
+def test_default_mode_frees_activation_buffers_between_stages_and_keeps_the_compiled_models(tiny, monkeypatch):
+    """Without --low-memory every model stays compiled; after its stage only its intermediate buffers are freed
+    (CompiledModel.release_memory), so that the UNet's and the VAE's activations do not add up. The next
+    generation allocates them again and gives the same picture."""
+    from runtime.ov_model import OVModel
+
+    _, ov_dir = tiny("base")
+    pipe = SDXLPipeline(ov_dir, precision="f32", cache_dir=None)
+    trimmed = []
+    original = OVModel.trim
+    monkeypatch.setattr(OVModel, "trim", lambda self: (trimmed.append(self.name), original(self))[1])
+    first = pipe(**KW)
+    assert trimmed == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    models = (pipe.unet, pipe.vae_decoder, *(e.encoder for e in pipe.text_encoders))
+    compiled = {m.name: list(m._compiled.values()) for m in models}
+    assert all(compiled.values())
+    second = pipe(**KW)
+    np.testing.assert_array_equal(second.images, first.images)
+    assert {m.name: list(m._compiled.values()) for m in models} == compiled  # the same objects: no recompile
