@@ -6,7 +6,8 @@ into text encoding, each UNet step and VAE decode by iterating the generation. T
 end to end + (N - steps) x the median steady step. Peak RSS is the child's.
 
     python -m benchmarks.real_size --models sdxl-base-1.0 ssd-1b segmind-vega lcm-ssd-1b [--steps 2] [--size 1024]
-    python -m benchmarks.real_size --models sdxl-base-1.0 --refiner sdxl-refiner-1.0 --high-noise-frac 0.8
+    python -m benchmarks.real_size --models sdxl-base-1.0 --refiner sdxl-refiner-1.0 --steps 4 --high-noise-frac 0.5 \
+        --project-high-noise-frac 0.8
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ def _step(part: dict) -> float:
 
 
 def project(rec: dict, target: int, steps: int) -> float:
-    """Seconds per image at `target` steps from a run of `steps` steps (base + refiner: split at the hand-off)."""
+    """Seconds per image at `target` steps from a run of `steps` steps (base + refiner: split at the hand-off,
+    `project_high_noise_frac` of the steps in the base)."""
     if "parts" in rec:
-        n_base = round(target * rec["high_noise_frac"])
+        n_base = round(target * rec.get("project_high_noise_frac", rec["high_noise_frac"]))
         counts = {"base": n_base, "refiner": target - n_base}
         parts = rec["parts"]
         return sum(parts[p]["end_to_end_s"] + (n - len(parts[p]["steps_s"]) - 1) * _step(parts[p])
@@ -105,7 +107,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.real_size", description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["sdxl-base-1.0", "ssd-1b", "segmind-vega", "lcm-ssd-1b"])
     p.add_argument("--refiner", help="with one base model: the refiner folder's model name")
-    p.add_argument("--high-noise-frac", type=float, default=0.8)
+    p.add_argument("--high-noise-frac", type=float, default=0.8, help="the base/refiner split of the measured run")
+    p.add_argument("--project-high-noise-frac", type=float,
+                   help="the split of the projected run (default: --high-noise-frac); measure at 0.5 to time steps "
+                        "of both UNets with few steps, project at 0.8")  # fmt: skip
     p.add_argument("--weights", default="fp16", help="folder suffix: benchmarks/out/<model>-random-ov-<weights>")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--project", type=int, default=30, help="steps to project to (LCM models: 4, run as is)")
@@ -129,6 +134,8 @@ def main(argv=None) -> int:
         rec = {**spec, **json.loads(line[9:]), "wall_s": wall, "date": time.strftime("%Y-%m-%d %H:%M")}
         target = 4 if lcm else args.project
         rec["projected_steps"] = target
+        if args.refiner:
+            rec["project_high_noise_frac"] = args.project_high_noise_frac or args.high_noise_frac
         rec["projected_s_per_image"] = rec["end_to_end_s"] if lcm else project(rec, target, steps)
         with RESULTS.open("a") as f:
             f.write(json.dumps(rec) + "\n")

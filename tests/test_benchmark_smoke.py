@@ -85,3 +85,32 @@ def test_benchmark_bad_input(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_choices_measures_each_variant_against_the_runtimes_choice(tmp_path):
+    """benchmarks.choices on the tiny model: every variant runs in its own child and gets a row with its ratio to
+    the runtime's choice; bf16's accuracy against f32 is reported per model; the record is appended."""
+    results = tmp_path / "choices.jsonl"
+    cmd = [sys.executable, "-m", "benchmarks.choices", "--model", str(ov_dir("base")), "--size", "64",
+           "--rounds", "1", "--calls", "1", "--results", str(results)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from benchmarks.choices import VARIANTS
+
+    (rec,) = [json.loads(line) for line in results.read_text().splitlines()]
+    rows = {(r["component"], r["variant"]): r for r in rec["rows"]}
+    assert set(rows) == {(v[0], v[1]) for v in VARIANTS}
+    for r in rows.values():
+        assert r["s_per_call"] > 0 and r["peak_rss"] > 0
+        if r["ours"]:
+            assert r["vs_ours"] == 1.0
+        else:
+            ours = next(o for o in rows.values() if o["ours"] and o["component"] == r["component"])
+            assert r["vs_ours"] == r["s_per_call"] / ours["s_per_call"]
+    assert rec["accuracy"]["vae_decoder"]["psnr_db"] > 20
+    for c in ("unet", "text_encoder_2"):
+        assert 0 < rec["accuracy"][c]["rel_max_err"] < 0.1
+    assert "| unet | two batch-1 calls per step |" in proc.stdout
+
+    bad = subprocess.run([*cmd[:4], str(tmp_path), *cmd[5:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and len(bad.stderr.splitlines()) == 1
