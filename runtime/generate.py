@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--low-memory",
         action="store_true",
-        help="release each model when its stage is done (the compile cache keeps reloads cheap)",
+        help="compile each model when its stage starts and release it when the stage is done",
     )
     return p.parse_args(argv)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,38 @@ _NP_TYPES = {
     ov.Type.i64: np.int64,
     ov.Type.i32: np.int32,
 }
+
+
+_MADV_DONTNEED = 4
+
+
+def drop_mapped_pages(path: Path) -> int:
+    """Drop this process's resident pages of the read-only mappings of `path` (madvise MADV_DONTNEED); returns
+    the bytes of mapping advised (0 where /proc or madvise is unavailable).
+
+    OpenVINO reads an IR's weights through a memory map and the compiled model keeps the map open, so every page
+    read while compiling stays in the process's RSS next to the compiled model's own copies of the weights. A
+    read-only file mapping can drop its pages at any time: a page still read later comes back from the file (or
+    the page cache) on first touch, unchanged."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    total = 0
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == target and "w" not in parts[1]:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if madvise(start, end - start, _MADV_DONTNEED) == 0:
+                total += end - start
+    return total
 
 
 class OVModel:
@@ -46,6 +81,8 @@ class OVModel:
             if shapes:
                 model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
             compiled = self.core.compile_model(model, self.device, self.config)
+            del model
+            drop_mapped_pages(self.xml.with_suffix(".bin"))  # the compiled model holds what it needs
             self._compiled[key] = compiled
             self._requests[key] = compiled.create_infer_request()
         return self._requests[key]

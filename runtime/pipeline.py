@@ -73,7 +73,7 @@ class SDXLPipeline:
         """share_with: another loaded pipeline (the base, for a refiner) whose text_encoder_2 and VAE are reused,
         compiled once, when both folders hold the same IR files (SDXL's refiner ships the base's).
         low_memory: compile each model when its stage starts and release it when the stage ends (text encoders,
-        UNet, VAE); the model cache keeps the recompiles cheap."""
+        UNet, VAE); the text encoders and the VAE recompile from the model cache, the UNet from its IR."""
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise RuntimeInputError(f"{model_dir}: no such model folder")
@@ -117,7 +117,11 @@ class SDXLPipeline:
             if precision == "f16" and self.vae_config.get("force_upcast", True)
             else cfg
         )
-        self.unet = OVModel(self.core, self.dir / "unet" / "openvino_model.xml", device, cfg)
+        # Low memory: the UNet compiles from its IR, not from the model cache. A cache hit first hashes the IR (every
+        # weight page read) and then maps the blob: both at once, on top of the compiled model (SDXL fp16 UNet:
+        # 14.0 GiB peak from the cache against 9.9 GiB from the IR, for 3 s of compile time).
+        unet_cfg = {**cfg, "CACHE_DIR": ""} if low_memory else cfg
+        self.unet = OVModel(self.core, self.dir / "unet" / "openvino_model.xml", device, unet_cfg)
         self.vae_decoder = OVModel(self.core, self.dir / "vae_decoder" / "openvino_model.xml", device, vae_cfg)
         self._vae_encoder_cfg = vae_cfg
         self._vae_encoder = None
