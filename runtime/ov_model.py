@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +24,20 @@ _NP_TYPES = {
 _MADV_DONTNEED = 4
 
 
-def drop_mapped_pages(path: Path) -> int:
-    """Drop this process's resident pages of the read-only mappings of `path` (madvise MADV_DONTNEED); returns
-    the bytes of mapping advised (0 where /proc or madvise is unavailable).
+def drop_mapped_pages(*paths: Path | str) -> int:
+    """Drop this process's resident pages of the read-only mappings of these files (or of the files under these
+    folders) with madvise MADV_DONTNEED; returns the bytes of mapping advised (0 where /proc or madvise is
+    unavailable).
 
-    OpenVINO reads an IR's weights through a memory map and the compiled model keeps the map open, so every page
-    read while compiling stays in the process's RSS next to the compiled model's own copies of the weights. A
-    read-only file mapping can drop its pages at any time: a page still read later comes back from the file (or
-    the page cache) on first touch, unchanged."""
+    OpenVINO reads an IR's weights, and a model-cache blob, through a memory map that the compiled model keeps
+    open, so every page read while compiling stays in the process's RSS next to the compiled model's own copies
+    of the weights. A read-only file mapping can drop its pages at any time: a page still read later comes back
+    from the file (or the page cache) on first touch, unchanged."""
     if not sys.platform.startswith("linux"):
         return 0
-    target = os.path.realpath(path)
+    targets = [os.path.realpath(p) for p in paths if p]
+    if not targets:
+        return 0
     try:
         with open("/proc/self/maps") as f:
             lines = f.read().splitlines()
@@ -45,11 +49,37 @@ def drop_mapped_pages(path: Path) -> int:
     total = 0
     for line in lines:
         parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5] == target and "w" not in parts[1]:
+        if len(parts) < 6 or parts[1] != "r--s":  # read-only shared file mappings only: nothing there is dirty
+            continue
+        if any(parts[5] == t or parts[5].startswith(t + os.sep) for t in targets):
             start, end = (int(x, 16) for x in parts[0].split("-"))
             if madvise(start, end - start, _MADV_DONTNEED) == 0:
                 total += end - start
     return total
+
+
+class _DropPagesWhile:
+    """While the block runs (a compile), a thread drops the pages of `paths` read so far every `interval` s: the
+    compiler reads each weight to make its own copy, so the map's pages need not stay until it returns. (0.5 s:
+    the SDXL fp16 UNet's compile peaked at 5.6 GiB in 7.6 s; 0.2 s gave 5.2 GiB in 13.5 s, none 9.9 GiB in 8 s.)"""
+
+    def __init__(self, *paths: Path | str, interval: float = 0.5):
+        self.paths, self.interval = paths, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            drop_mapped_pages(*self.paths)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        drop_mapped_pages(*self.paths)
 
 
 class OVModel:
@@ -80,9 +110,10 @@ class OVModel:
             self._model = None  # reshape changes the model: read it again for the next shape set
             if shapes:
                 model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
-            compiled = self.core.compile_model(model, self.device, self.config)
-            del model
-            drop_mapped_pages(self.xml.with_suffix(".bin"))  # the compiled model holds what it needs
+            cache = self.config.get("CACHE_DIR", self.core.get_property("CACHE_DIR"))
+            with _DropPagesWhile(self.xml.with_suffix(".bin"), cache):  # the compiled model holds what it needs
+                compiled = self.core.compile_model(model, self.device, self.config)
+                del model
             self._compiled[key] = compiled
             self._requests[key] = compiled.create_infer_request()
         return self._requests[key]
