@@ -83,6 +83,12 @@ def child(spec: dict) -> dict:
     return out
 
 
+def _commit() -> str | None:
+    """The checkout's commit (the code the figures belong to), or None outside a git checkout."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
 def _step(part: dict) -> float:
     return statistics.median(part["steps_s"]) if part["steps_s"] else part["first_step_s"]
 
@@ -131,7 +137,8 @@ def main(argv=None) -> int:
         if proc.returncode or line is None:
             print(f"{model}: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
             continue
-        rec = {**spec, **json.loads(line[9:]), "wall_s": wall, "date": time.strftime("%Y-%m-%d %H:%M")}
+        rec = {**spec, **json.loads(line[9:]), "wall_s": wall, "date": time.strftime("%Y-%m-%d %H:%M"),
+               "commit": _commit()}  # fmt: skip
         target = 4 if lcm else args.project
         rec["projected_steps"] = target
         if args.refiner:
