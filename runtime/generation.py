@@ -246,7 +246,7 @@ class Generation:
         # low memory: each model is compiled when its stage starts and released when it ends; otherwise each
         # keeps its weights and compiled graph, and only its activation buffers are freed between stages
         for enc in self.pipe.text_encoders:
-            enc.encoder.release() if self.pipe.low_memory else enc.encoder.trim()
+            self._done_with(enc.encoder)
         model = self._denoiser(inputs, latents.shape)
         total = len(self.plan.timesteps)
         for state in self.plan.sample(latents, model, generator.randn):
@@ -254,7 +254,14 @@ class Generation:
             yield StepState(state.index, total, float(state.timestep), latents, state.denoised)
         self._latents = latents
         del model
-        self.pipe.unet.release() if self.pipe.low_memory else self.pipe.unet.trim()
+        self._done_with(self.pipe.unet)
+
+    def _done_with(self, model) -> None:
+        """A model's stage has ended: release it (low memory) or free its activation buffers."""
+        if self.pipe.low_memory:
+            model.release()
+        else:
+            model.trim()
 
     def __iter__(self) -> Iterator[StepState]:
         if self._iter is None:
@@ -269,5 +276,5 @@ class Generation:
         if self.p["output_type"] == "latent":
             return GenerationResult(latents, None, params)
         images = self.pipe.decode(latents)
-        self.pipe.vae_decoder.release() if self.pipe.low_memory else self.pipe.vae_decoder.trim()
+        self._done_with(self.pipe.vae_decoder)
         return GenerationResult(latents, images, params)
