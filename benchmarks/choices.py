@@ -136,6 +136,9 @@ def accuracy(model_dir: Path, size: int, components: list[str]) -> dict:
     import numpy as np
     import openvino as ov
 
+    from convert.quantize import psnr
+    from runtime.image import to_uint8
+
     core = ov.Core()
     out = {}
     for component in components:
@@ -149,9 +152,7 @@ def accuracy(model_dir: Path, size: int, components: list[str]) -> dict:
             del compiled
         ref, got = res["f32"], res["bf16"]
         if component == "vae_decoder":
-            a, b = (np.clip((x / 2 + 0.5) * 255, 0, 255).round() for x in (ref, got))
-            mse = float(np.mean((a - b) ** 2))
-            out[component] = {"psnr_db": float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)}
+            out[component] = {"psnr_db": psnr(to_uint8(ref), to_uint8(got))}
         else:
             out[component] = {"rel_max_err": float(np.abs(got - ref).max() / np.abs(ref).max())}
     return out

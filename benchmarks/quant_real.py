@@ -86,10 +86,12 @@ def prepare(model: str, size: int, steps: int, resolution: int, modes: list[str]
 
 
 def _compress(xml: str, out_xml: str) -> None:
-    import nncf
+    """Child: the UNet's weights to int8, as `python -m convert --weight-format int8` does."""
     import openvino as ov
 
-    model = nncf.compress_weights(ov.Core().read_model(xml), mode=nncf.CompressWeightsMode.INT8_ASYM)
+    from convert.export import compress
+
+    model = compress(ov.Core().read_model(xml), "int8", unet=True)
     Path(out_xml).parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, out_xml)
 

@@ -46,14 +46,15 @@ def peak_rss_bytes() -> int:
 
 # -- ours: timing proxies ------------------------------------------------------------------------------------
 class _TimedCall:
-    """Wraps a callable object (tokenizer, OVModel); records (seconds, args) of each call."""
+    """Wraps a callable object (tokenizer, OVModel, an optimum-intel part's compiled model); records (seconds,
+    args) of each call."""
 
     def __init__(self, target, log: list):
         self._target, self._log = target, log
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         t = now()
-        out = self._target(*args)
+        out = self._target(*args, **kwargs)
         self._log.append((now() - t, args))
         return out
 
@@ -275,22 +276,6 @@ def worker_diffusers(spec: dict) -> dict:
     return _prime_and_time(call, spec["steps"], st)
 
 
-class _TimedCompiled:
-    """Wraps an optimum-intel pipeline part's compiled model (which it calls directly) to time each call."""
-
-    def __init__(self, compiled, log: list, name: str):
-        self._compiled, self._log, self._name = compiled, log, name
-
-    def __call__(self, *args, **kwargs):
-        t = now()
-        out = self._compiled(*args, **kwargs)
-        self._log.append((self._name, now() - t))
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self._compiled, name)
-
-
 def worker_optimum(spec: dict, static: bool) -> dict:
     from optimum.intel import OVStableDiffusionXLPipeline
 
@@ -305,19 +290,20 @@ def worker_optimum(spec: dict, static: bool) -> dict:
         pipe.reshape(batch_size=1, height=h, width=w, num_images_per_prompt=1)
         pipe.compile()
         st["compile"] = now() - t
-    log: list[tuple[str, float]] = []
+    logs: dict[str, list] = {}
     for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder"):
         part = getattr(pipe, name, None)
-        if part is not None and getattr(part, "request", None) is not None:
-            part.request = _TimedCompiled(part.request, log, name)
+        if part is not None and getattr(part, "request", None) is not None:  # optimum calls it directly
+            part.request = _TimedCall(part.request, logs.setdefault(name, []))
 
     def call(steps):
         return pipe(PROMPT, height=h, width=w, num_inference_steps=steps, guidance_scale=spec["guidance_scale"],
                     output_type="np")  # fmt: skip
 
     def model_calls():  # None unless the UNet's calls were among those timed
-        spent = sum(t for _, t in log) if any(name == "unet" for name, _ in log) else None
-        log.clear()
+        spent = sum(t for log in logs.values() for t, _ in log) if logs.get("unet") else None
+        for log in logs.values():
+            log.clear()
         return spent
 
     return _prime_and_time(call, spec["steps"], st, model_calls)

@@ -20,7 +20,7 @@ def _outputs(result) -> list[torch.Tensor]:
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
-def _compress(model: ov.Model, weight_format: str, unet: bool) -> ov.Model:
+def compress(model: ov.Model, weight_format: str, unet: bool) -> ov.Model:
     if weight_format not in ("int8", "int4"):
         return model
     import nncf
@@ -64,7 +64,7 @@ def trace(spec: Spec, out_dir: Path, weight_format: str) -> dict:
         port.get_tensor().set_names({input_name})
     for port, output_name in zip(ov_model.outputs, spec.outputs, strict=True):
         port.get_tensor().set_names({output_name})
-    ov_model = _compress(ov_model, weight_format, unet="out_sample" in spec.outputs)
+    ov_model = compress(ov_model, weight_format, unet="out_sample" in spec.outputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     ov.save_model(ov_model, out_dir / "openvino_model.xml", compress_to_fp16=weight_format != "fp32")
     arrays = {f"in:{k}": (v.float() if v.is_floating_point() else v).numpy() for k, v in spec.inputs.items()}

@@ -145,13 +145,10 @@ def test_compiling_drops_the_ir_weight_pages_and_outputs_stay_the_same(tiny, tmp
     # the compiled model still maps the file, none of it resident until a call reads a page again
     bin_path = xml.with_suffix(".bin")
     kept = OVModel(core, xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    original = ov_model.drop_mapped_pages
-    try:
-        ov_model.drop_mapped_pages = lambda *paths: 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ov_model, "drop_mapped_pages", lambda *paths: 0)
         reference = kept(inputs)["out_sample"]
         held = _resident_bytes(bin_path)
-    finally:
-        ov_model.drop_mapped_pages = original
     np.testing.assert_array_equal(dropped, reference)
     assert held > 0  # without the drop the IR's pages stay resident
     assert drop_mapped_pages(bin_path) > 0
