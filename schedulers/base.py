@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .common import F32, make_alphas_cumprod
+from .prediction import Denoiser, Model
 
-Model = Callable[[np.ndarray, np.float32], np.ndarray]  # (scaled latents, timestep) -> model output
 Noise = Callable[[tuple[int, ...]], np.ndarray]  # shape -> standard normal float32
 
 
@@ -25,6 +25,7 @@ class Schedule:
 @dataclass(frozen=True)
 class StepState:
     index: int  # 0 .. len(plan.timesteps) - 1, the pipeline's `i`
+    total: int  # steps in the run (len(plan.timesteps))
     timestep: np.float32  # the value the model was called with
     latents: np.ndarray  # after this step
     denoised: np.ndarray | None  # the predicted x0 (LCM: its boundary-scaled `denoised`)
@@ -66,7 +67,8 @@ class Plan:
         """The denoising loop; yields the state after each step."""
         x = np.asarray(latents, dtype=F32)
         draw = noise if noise is not None else _no_noise(self.scheduler.name)
-        return self.scheduler.sample(self.schedule, self.begin_index, self.end_index, x, model, draw)
+        denoiser = Denoiser(model, self.scheduler.prediction_type)
+        return self.scheduler.sample(self.schedule, self.begin_index, self.end_index, x, denoiser, draw)
 
 
 def _no_noise(name: str) -> Noise:
@@ -78,10 +80,6 @@ def _no_noise(name: str) -> Noise:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def call_model(model: Model, x: np.ndarray, t: np.float32) -> np.ndarray:
-    return np.asarray(model(x, t), dtype=F32)
 
 
 class Scheduler:
@@ -112,7 +110,7 @@ class Scheduler:
         raise NotImplementedError
 
     def sample(
-        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, model: Model, noise: Noise
+        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, denoise: Denoiser, noise: Noise
     ) -> Iterator[StepState]:
         raise NotImplementedError
 

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .base import Model, Noise, Schedule, Scheduler, StepState, call_model
+from .base import Noise, Schedule, Scheduler, StepState
 from .common import F32, ONE, add_noise_at_timestep, spaced_timesteps
+from .prediction import Denoiser
 
 # ref: diffusers DDIMScheduler.__init__ defaults
 DDIM_DEFAULTS = {
@@ -37,20 +38,6 @@ def check_alpha_space(cfg: dict) -> list[tuple[str, object, str]]:
     if cfg["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
         bad.append(("prediction_type", cfg["prediction_type"], "expected epsilon, v_prediction or sample"))
     return bad
-
-
-# ref: diffusers DDIMScheduler.step / LCMScheduler.step (pred_original_sample, pred_epsilon)
-def x0_and_eps(
-    prediction_type: str, x: np.ndarray, out: np.ndarray, alpha_prod: np.float32
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted x0 and epsilon at a train timestep with alphas_cumprod = alpha_prod."""
-    beta_prod = ONE - alpha_prod
-    if prediction_type == "epsilon":
-        return (x - np.sqrt(beta_prod) * out) / np.sqrt(alpha_prod), out
-    if prediction_type == "sample":
-        return out, (x - np.sqrt(alpha_prod) * out) / np.sqrt(beta_prod)
-    x0 = np.sqrt(alpha_prod) * x - np.sqrt(beta_prod) * out  # v_prediction
-    return x0, np.sqrt(alpha_prod) * out + np.sqrt(beta_prod) * x
 
 
 def clip_x0(cfg: dict, x0: np.ndarray) -> np.ndarray:
@@ -83,7 +70,7 @@ class DDIM(Scheduler):
         return add_noise_at_timestep(self.alphas_cumprod, schedule.timesteps[index], x, noise)
 
     def sample(
-        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, model: Model, noise: Noise
+        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, denoise: Denoiser, noise: Noise
     ) -> Iterator[StepState]:
         """DDIM, eta 0. ref: diffusers DDIMScheduler.step"""
         # the previous timestep is t - T // n whatever the spacing (not the next entry of the schedule)
@@ -93,10 +80,8 @@ class DDIM(Scheduler):
             prev = int(t) - stride
             alpha_prod = self.alphas_cumprod[int(t)]
             alpha_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
-            x0, eps = x0_and_eps(self.prediction_type, x, call_model(model, x, t), alpha_prod)
+            x0, eps = denoise.vp(x, t, np.sqrt(alpha_prod), np.sqrt(ONE - alpha_prod))
             x0 = clip_x0(self.config, x0)
-            with np.errstate(invalid="ignore"):  # ref: DDIMScheduler._get_variance; times eta = 0
-                variance = ((ONE - alpha_prev) / (ONE - alpha_prod)) * (ONE - alpha_prod / alpha_prev)
-                std = F32(0.0) * np.sqrt(variance)
-                x = np.sqrt(alpha_prev) * x0 + np.sqrt(ONE - alpha_prev - std * std) * eps
-            yield StepState(i, t, x, x0)
+            # eta = 0: DDIMScheduler's std_dev_t is 0, its variance term drops out
+            x = np.sqrt(alpha_prev) * x0 + np.sqrt(ONE - alpha_prev) * eps
+            yield StepState(i, end - begin, t, x, x0)

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .base import Model, Noise, Schedule, Scheduler, StepState, call_model
+from .base import Noise, Schedule, Scheduler, StepState
 from .common import F32, ONE, dpm_timesteps, exp32, karras_sigmas, log32, sigma_to_t, train_sigmas
+from .prediction import Denoiser
 
 # ref: diffusers DPMSolverMultistepScheduler.__init__ defaults
 DPM_DEFAULTS = {
@@ -105,17 +106,8 @@ class DPMSolverMultistep(Scheduler):
         alpha, sigma = _alpha_sigma(schedule.sigmas[index])
         return alpha * x + sigma * noise
 
-    # ref: diffusers DPMSolverMultistepScheduler.convert_model_output (dpmsolver++ branch)
-    def denoised(self, x: np.ndarray, out: np.ndarray, sigma: np.float32) -> np.ndarray:
-        if self.prediction_type == "sample":
-            return out
-        alpha, sigma_t = _alpha_sigma(sigma)
-        if self.prediction_type == "epsilon":
-            return (x - sigma_t * out) / alpha
-        return alpha * x - sigma_t * out  # v_prediction
-
     def sample(
-        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, model: Model, noise: Noise
+        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, denoise: Denoiser, noise: Noise
     ) -> Iterator[StepState]:
         """DPM-Solver++(2M). ref: diffusers DPMSolverMultistepScheduler.step"""
         cfg, sigmas = self.config, schedule.sigmas
@@ -125,7 +117,7 @@ class DPMSolverMultistep(Scheduler):
         previous = None  # x0 of the previous step (history starts empty at begin_index)
         for i, k in enumerate(range(begin, end)):
             t = schedule.timesteps[k]
-            x0 = self.denoised(x, call_model(model, x, t), sigmas[k])  # scale_model_input is identity
+            x0, _ = denoise.vp(x, t, *_alpha_sigma(sigmas[k]))  # scale_model_input is identity
             last_first_order = k == m - 1 and (
                 cfg["euler_at_final"] or (cfg["lower_order_final"] and m < 15) or cfg["final_sigmas_type"] == "zero"
             )
@@ -134,7 +126,7 @@ class DPMSolverMultistep(Scheduler):
             else:
                 x = _second_order(x, x0, previous, sigmas[k - 1], sigmas[k], sigmas[k + 1], heun)
             previous = x0
-            yield StepState(i, t, x, x0)
+            yield StepState(i, end - begin, t, x, x0)
 
 
 # ref: diffusers DPMSolverMultistepScheduler.dpm_solver_first_order_update (dpmsolver++)

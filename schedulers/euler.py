@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .base import Model, Noise, Schedule, Scheduler, StepState, call_model
+from .base import Noise, Schedule, Scheduler, StepState
 from .common import (
     F32,
     ONE,
@@ -16,6 +16,7 @@ from .common import (
     torch_linspace_f32,
     train_sigmas,
 )
+from .prediction import Denoiser
 
 # ref: diffusers EulerDiscreteScheduler.__init__ defaults
 EULER_DEFAULTS = {
@@ -115,25 +116,16 @@ class Euler(Scheduler):
     def add_noise(self, schedule: Schedule, index: int, x: np.ndarray, noise: np.ndarray) -> np.ndarray:
         return x + noise * schedule.sigmas[index]
 
-    # ref: diffusers EulerDiscreteScheduler.step (pred_original_sample by prediction_type)
-    def denoised(self, x: np.ndarray, out: np.ndarray, sigma: np.float32) -> np.ndarray:
-        if self.prediction_type == "epsilon":
-            return x - sigma * out
-        if self.prediction_type == "v_prediction":
-            return out * (-sigma / np.sqrt(sigma * sigma + ONE)) + x / (sigma * sigma + ONE)
-        return out  # sample
-
     def sample(
-        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, model: Model, noise: Noise
+        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, denoise: Denoiser, noise: Noise
     ) -> Iterator[StepState]:
         """Euler: x += (x - x0) / sigma * (sigma_next - sigma). ref: diffusers EulerDiscreteScheduler.step"""
         sigmas = schedule.sigmas
         for i, k in enumerate(range(begin, end)):
             t, s = schedule.timesteps[k], sigmas[k]
-            out = call_model(model, x / np.sqrt(s * s + ONE), t)  # ref: scale_model_input
-            x0 = self.denoised(x, out, s)
+            x0, _ = denoise.ve(x, t, s)
             x = x + (x - x0) / s * (sigmas[k + 1] - s)
-            yield StepState(i, t, x, x0)
+            yield StepState(i, end - begin, t, x, x0)
 
 
 class EulerAncestral(Euler):
@@ -154,17 +146,16 @@ class EulerAncestral(Euler):
         return Schedule(timesteps=timesteps, sigmas=sigmas, num_inference_steps=n)
 
     def sample(
-        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, model: Model, noise: Noise
+        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, denoise: Denoiser, noise: Noise
     ) -> Iterator[StepState]:
         """Euler ancestral (eta 1). ref: diffusers EulerAncestralDiscreteScheduler.step"""
         sigmas = schedule.sigmas
         for i, k in enumerate(range(begin, end)):
             t, s, s_next = schedule.timesteps[k], sigmas[k], sigmas[k + 1]
-            out = call_model(model, x / np.sqrt(s * s + ONE), t)  # ref: scale_model_input
-            x0 = self.denoised(x, out, s)
+            x0, out = denoise.ve(x, t, s)
             with np.errstate(invalid="ignore"):
                 s_up = np.sqrt(s_next * s_next * (s * s - s_next * s_next) / (s * s))
                 s_down = np.sqrt(s_next * s_next - s_up * s_up)
             x = x + (x - x0) / s * (s_down - s)
             x = x + np.asarray(noise(out.shape), dtype=F32) * s_up  # drawn at every step, the last included
-            yield StepState(i, t, x, x0)
+            yield StepState(i, end - begin, t, x, x0)

@@ -6,9 +6,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .base import Model, Noise, Schedule, Scheduler, StepState, call_model
+from .base import Noise, Schedule, Scheduler, StepState
 from .common import F32, ONE, add_noise_at_timestep
-from .ddim import clip_x0, x0_and_eps
+from .ddim import clip_x0
+from .prediction import Denoiser
 
 # ref: diffusers LCMScheduler.__init__ defaults
 LCM_DEFAULTS = {
@@ -81,7 +82,7 @@ class LCM(Scheduler):
         return add_noise_at_timestep(self.alphas_cumprod, schedule.timesteps[index], x, noise)
 
     def sample(
-        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, model: Model, noise: Noise
+        self, schedule: Schedule, begin: int, end: int, x: np.ndarray, denoise: Denoiser, noise: Noise
     ) -> Iterator[StepState]:
         """Multistep consistency sampling. ref: diffusers LCMScheduler.step"""
         ts, n = schedule.timesteps, schedule.num_inference_steps
@@ -90,7 +91,7 @@ class LCM(Scheduler):
             t_next = ts[k + 1] if k + 1 < len(ts) else t
             alpha_prod = self.alphas_cumprod[int(t)]
             alpha_next = self.alphas_cumprod[int(t_next)] if t_next >= 0 else self.final_alpha_cumprod
-            x0, _ = x0_and_eps(self.prediction_type, x, call_model(model, x, t), alpha_prod)
+            x0, _ = denoise.vp(x, t, np.sqrt(alpha_prod), np.sqrt(ONE - alpha_prod))
             x0 = clip_x0(self.config, x0)
             c_skip, c_out = boundary_scalings(t, self.config["timestep_scaling"])
             denoised = c_out * x0 + c_skip * x
@@ -99,4 +100,4 @@ class LCM(Scheduler):
                 x = np.sqrt(alpha_next) * denoised + np.sqrt(ONE - alpha_next) * z
             else:
                 x = denoised
-            yield StepState(i, t, x, denoised)
+            yield StepState(i, end - begin, t, x, denoised)

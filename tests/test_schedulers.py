@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -171,17 +173,30 @@ def torch_noise(seed: int = 0):
     return lambda shape: torch.randn(shape, generator=generator, dtype=torch.float32).numpy()
 
 
-def assert_close(actual, expected, atol: float, magnitude: float = 0.0, what: str = "", strict: bool = False) -> None:
+def assert_close(
+    actual,
+    expected,
+    atol: float,
+    magnitude: float = 0.0,
+    what: str = "",
+    strict: bool = False,
+    slack: Callable[[], float] | None = None,
+) -> None:
     """|actual - expected| <= atol * max(1, M / 8), M the largest magnitude involved; strict: <= atol.
 
     atol holds as is up to |x| = 8; above it the bound grows to stay >= 1 float32 ulp at M. Needed because
-    diffusers' tables carry torch's CPU float32 sqrt (MKL VML here), which is not correctly rounded: about
-    1 value in 5 differs from numpy's (correctly rounded) sqrt by 1 ulp, and large sigmas scale that up.
+    diffusers' tables carry torch's CPU float32 sqrt (MKL VML), which is not correctly rounded on every CPU
+    (MKL 2024.2: through its AVX-512 kernel about 0.6% of float32 inputs come out 1 ulp off numpy's correctly
+    rounded sqrt; through its AVX2 kernel, MKL_ENABLE_INSTRUCTIONS=AVX2, none), and large sigmas scale that up.
+    slack (not strict): called only when that bound is exceeded; what it returns is added to the bound.
     """
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     scale = max(1.0, max(magnitude, float(np.max(np.abs(expected), initial=0.0))) / 8)
     bound = atol if strict else atol * scale
     error = float(np.max(np.abs(actual - expected), initial=0.0))
+    if error > bound and slack is not None and not strict:
+        extra = slack()
+        what, bound = f"{what} (bound {bound:.3g} + sqrt slack {extra:.3g})", bound + extra
     assert error <= bound, f"{what}: max |diff| {error:.3g} > {bound:.3g}"
 
 
@@ -208,21 +223,66 @@ def diffusers_loop(sched, timesteps, latents: np.ndarray, seed: int = 0) -> list
     return states
 
 
-def check_states(ours, theirs, start: np.ndarray, amp: float = 1.0, carry: bool = False, strict: bool = False) -> None:
+def dpm_sqrt_slack(make_scheduler, start: np.ndarray, theirs) -> list[tuple[float, float]]:
+    """Per step (latents, denoised): how far 1-ulp errors of torch's sqrt in alpha_t move diffusers' own states.
+
+    DPMSolverMultistepScheduler._sigma_to_alpha_sigma_t computes alpha_t = 1 / (sigma**2 + 1) ** 0.5 at run time
+    with torch's CPU sqrt, which may be 1 ulp off (see assert_close); ours rounds correctly, so at any sigma our
+    alpha_t, and sigma_t = sigma * alpha_t, may differ from diffusers' by 1 ulp. For every distinct sigma and
+    both directions, run diffusers' loop again with that sigma's alpha_t moved by 1 ulp; sum |change| over the
+    sigmas (element-wise; max over the sigma's two directions): the first-order bound for any mix of such errors.
+    """
+    inf = torch.tensor(float("inf"))
+    total = [(np.zeros(latents.shape), np.zeros(denoised.shape)) for latents, denoised in theirs]
+    for value in sorted({float(sigma) for sigma in make_scheduler().sigmas if sigma > 0}):
+        moved = []
+        for direction in (inf, -inf):
+            sched = make_scheduler()
+
+            def nudged(sigma, original=sched._sigma_to_alpha_sigma_t, value=value, direction=direction):
+                alpha_t, sigma_t = original(sigma)
+                if float(sigma) != value:
+                    return alpha_t, sigma_t
+                alpha_t = torch.nextafter(alpha_t, direction)
+                return alpha_t, sigma * alpha_t
+
+            sched._sigma_to_alpha_sigma_t = nudged
+            moved.append(diffusers_loop(sched, sched.timesteps, start))
+        for i, (latents, denoised) in enumerate(theirs):
+            for sum_, j, expected in ((total[i][0], 0, latents), (total[i][1], 1, denoised)):
+                expected = expected.astype(np.float64)
+                sum_ += np.maximum(*(np.abs(run[i][j].astype(np.float64) - expected) for run in moved))
+    return [(float(latents.max()), float(denoised.max())) for latents, denoised in total]
+
+
+def check_states(
+    ours,
+    theirs,
+    start: np.ndarray,
+    amp: float = 1.0,
+    carry: bool = False,
+    strict: bool = False,
+    slack: Callable[[], list[tuple[float, float]]] | None = None,
+) -> None:
     """Every step's latents and denoised at atol 1e-5, scaled by the step's magnitude (times amp).
 
     carry: scale by the largest magnitude so far (a step's rounding error is inherited by the later steps).
     strict: plain atol 1e-5 whatever the magnitude.
+    slack: per step (latents, denoised) additions to the bound (e.g. dpm_sqrt_slack), computed only when the
+    plain bound is exceeded, and never for strict.
     """
     atol = 1e-5 * amp
     assert len(ours) == len(theirs)
+    slacks = functools.cache(slack) if slack is not None else None
     before = float(np.abs(start).max())
     for i, (state, (latents, denoised)) in enumerate(zip(ours, theirs, strict=True)):
         assert state.index == i
         assert state.latents.dtype == np.float32
         magnitude = max(before, float(np.abs(latents).max()), float(np.abs(denoised).max()))
-        assert_close(state.latents, latents, atol, magnitude, f"latents, step {i}", strict)
-        assert_close(state.denoised, denoised, atol, magnitude, f"denoised, step {i}", strict)
+        pairs = ((state.latents, latents), (state.denoised, denoised))
+        for j, (what, (actual, expected)) in enumerate(zip(("latents", "denoised"), pairs, strict=True)):
+            extra = None if slacks is None else (lambda i=i, j=j: slacks()[i][j])
+            assert_close(actual, expected, atol, magnitude, f"{what}, step {i}", strict, extra)
         before = magnitude if carry else float(np.abs(latents).max())
 
 
@@ -267,7 +327,26 @@ def test_text2img_matches_diffusers(name, base, changes, steps):
     expected = diffusers_loop(theirs, theirs.timesteps, init.numpy())
     draw = torch_noise() if plan.stochastic else None  # deterministic schedulers must never draw
     states = list(plan.sample(noise * plan.init_noise_sigma, fake_model, draw))
-    check_states(states, expected, init.numpy(), amp, carry, strict)
+    # DPM's alpha_t = 1 / sqrt(sigma^2 + 1) is taken with torch's sqrt at every step, and the loop does not keep
+    # a 1-ulp error of it local: e.g. dpmpp_2m_karras-cosine, 7 steps, on AVX-512 MKL, torch's sqrt(3144929.25) is
+    # 1773.394775 (correctly rounded: 1773.394897), so alpha_t at sigma 1773.39 is 1 ulp high and step 1's latents
+    # differ by 4.8e-7 (sigma_t / sigma_s0 is 2 ulps off); step 2's x0 = (x - sigma_t * eps) / alpha_t takes that
+    # times up to 664 (1 / alpha_t times the model's slope) plus 1 ulp of alpha_t times |x| / alpha_t: 9.2e-4 at
+    # |x0| 741, in bounds; the later steps carry it and grow it to 2.3e-4 at step 6, beyond the bound there
+    # (4e-5 * 39.25 / 8 = 2.0e-4), which scales with step 6's magnitude, not step 2's. That growth is the loop's own:
+    # one ulp more in the starting latents moves diffusers' step 6 by 1.9e-4. So a step may also differ by what
+    # 1-ulp alpha_t errors move diffusers' own states (dpm_sqrt_slack: 5.6e-4 there), never for the strict configs.
+    slack = None
+    if isinstance(theirs, diffusers.DPMSolverMultistepScheduler) and not strict:
+
+        def make_scheduler():
+            sched = diffusers_scheduler(name, config)
+            sched.set_timesteps(steps)
+            sched.set_begin_index(0)
+            return sched
+
+        slack = functools.partial(dpm_sqrt_slack, make_scheduler, init.numpy(), expected)
+    check_states(states, expected, init.numpy(), amp, carry, strict, slack)
     assert [s.timestep for s in states] == list(plan.timesteps)
 
 
