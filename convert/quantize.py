@@ -96,51 +96,16 @@ def check_settings(cal: Calibration) -> None:
 
 
 # -- calibrate ---------------------------------------------------------------------------------------------
-class _RecordingRequest:
-    """An InferRequest that hands a copy of its inputs to `sink` before each inference."""
-
-    def __init__(self, request, sink):
-        self._request, self._sink, self._tensors = request, sink, {}
-
-    def set_tensor(self, name, tensor):
-        self._tensors[name] = tensor
-        self._request.set_tensor(name, tensor)
-
-    def infer(self, inputs=None):
-        self._sink({k: np.array(t.data, copy=True) for k, t in self._tensors.items()})
-        return self._request.infer() if inputs is None else self._request.infer(inputs)
-
-    def __getattr__(self, name):
-        return getattr(self._request, name)
-
-
-class _RecordingUNet:
-    """Stands in for the pipeline's UNet OVModel; the requests it compiles record their inputs."""
-
-    def __init__(self, unet, sink):
-        self._unet, self._sink = unet, sink
-
-    def compile(self, shapes):
-        return _RecordingRequest(self._unet.compile(shapes), self._sink)
-
-    def __getattr__(self, name):
-        return getattr(self._unet, name)
-
-
 class _Stop(Exception):
     pass
 
 
 def _generation_settings(pipe, steps: int | None) -> dict:
-    """The runtime CLI's defaults for this folder (LCM recipe or diffusers' SDXL defaults)."""
-    from argparse import Namespace
-
-    from runtime.generate import resolve_presets
-
-    args = resolve_presets(Namespace(scheduler=None, steps=steps, guidance_scale=None), pipe)
+    """The folder's presets (LCM recipe or diffusers' SDXL defaults), at most 20 steps unless asked."""
+    settings = pipe.info.presets(None, steps, None)
     if steps is None:
-        args.steps = min(args.steps, 20)
-    return {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale, "scheduler": args.scheduler}
+        settings["num_inference_steps"] = min(settings["num_inference_steps"], 20)
+    return settings
 
 
 def _refiner_image(pipe, seed: int, height: int, width: int) -> dict:
@@ -178,7 +143,7 @@ def calibrate(model_dir: Path, out_file: Path, cal: dict) -> dict:
         if not keep:
             raise _Stop  # nothing more to record from this generation: skip its remaining steps
 
-    pipe.unet = _RecordingUNet(pipe.unet, sink)
+    pipe.unet_observers.append(lambda inputs: sink({k: np.array(v, copy=True) for k, v in inputs.items()}))
     generations = 0
     while len(samples) < cal.size:
         prompt = cal.prompts[generations % len(cal.prompts)]

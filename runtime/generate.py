@@ -10,23 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import model_cache
 from runtime.errors import RuntimeInputError
-
-
-def _scheduler_help() -> str:
-    try:
-        from schedulers import SCHEDULER_HELP
-
-        return SCHEDULER_HELP
-    except ImportError:  # pragma: no cover
-        return ""
+from schedulers import SCHEDULER_HELP
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m runtime.generate",
         description="Generate images with an SDXL-family OpenVINO model folder. Defaults are diffusers'.",
-        epilog="schedulers (--scheduler):\n" + _scheduler_help(),
+        epilog="schedulers (--scheduler):\n" + SCHEDULER_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, type=Path, help="model folder written by `python -m convert`")
@@ -55,7 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip-skip", type=int, default=None)
     p.add_argument("--device", default="CPU")
     p.add_argument("--precision", choices=["f32", "bf16", "f16"], default=None, help="default: the device's")
-    p.add_argument("--cache-dir", default="default", help="OpenVINO model cache ('' to disable)")
+    p.add_argument(
+        "--cache-dir",
+        default="default",
+        help=f"OpenVINO model cache folder ('' to disable); default {model_cache.default_cache_dir()}, kept under "
+        f"${model_cache.ENV_MAX_GB} GiB (default {model_cache.DEFAULT_MAX_BYTES / 2**30:g}) by evicting the least "
+        "recently used; list or clear it with `python -m runtime.model_cache list|clear`",
+    )
     p.add_argument("--output", type=Path, default=Path("image.png"), help=".png (one file per image) or .npy")
     p.add_argument("--output-type", choices=["image", "latent"], default="image", help="latent: write latents .npy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -123,79 +122,37 @@ class Progress:
         sys.stderr.flush()
 
 
-def _common(args) -> dict:
-    return dict(prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
-                negative_prompt_2=args.negative_prompt_2, num_inference_steps=args.steps,
-                guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-                num_images_per_prompt=args.num_images, seed=args.seed, clip_skip=args.clip_skip,
-                scheduler=args.scheduler)  # fmt: skip
-
-
 def _run(gen, progress: Progress):
     for state in gen:
         progress(state.index + 1, state.total)
     return gen.result()
 
 
-def resolve_presets(args, pipe):
-    """Defaults per model: diffusers' SDXL ones, or the LCM recipe when the folder's scheduler config or UNet
-    says LCM (or --scheduler lcm is asked for). Anything given on the command line wins."""
-    lcm = (args.scheduler or "").lower() in ("lcm", "lcmscheduler") or (
-        args.scheduler is None
-        and (pipe.scheduler_config.get("_class_name") == "LCMScheduler" or pipe.time_cond_proj_dim)
-    )
-    if args.scheduler is None and lcm and pipe.scheduler_config.get("_class_name") != "LCMScheduler":
-        args.scheduler = "lcm"
-    if args.steps is None:
-        args.steps = 4 if lcm else 50
-    if args.guidance_scale is None:
-        args.guidance_scale = (8.0 if pipe.time_cond_proj_dim else 1.0) if lcm else 5.0
-    return args
-
-
 def generate(args):
-    """-> (result, the pipeline whose scheduler config names the sampler)"""
+    """-> (result, the base pipeline): the CLI's one library call."""
     from runtime.pipeline import SDXLPipeline
 
-    kw = dict(device=args.device, precision=args.precision, cache_dir=args.cache_dir, low_memory=args.low_memory)
     if args.refiner is None and (args.high_noise_frac is not None or args.refiner_strength is not None):
         raise RuntimeInputError("--high-noise-frac and --refiner-strength need --refiner")
     if args.high_noise_frac is not None and args.refiner_strength is not None:
         raise RuntimeInputError("choose one of --high-noise-frac (ensemble) and --refiner-strength (SDEdit)")
-    pipe = SDXLPipeline(args.model, **kw)
-    resolve_presets(args, pipe)
-    out_type = "latent" if args.output_type == "latent" else "np"
-    size = dict(height=args.height, width=args.width)
-    if args.refiner is None:
-        if args.image is not None:
-            if args.height or args.width:
-                raise RuntimeInputError("--height/--width do not apply with --image (its size is used)")
-            gen = pipe.generate(**_common(args), image=args.image, strength=args.strength, output_type=out_type,
-                                aesthetic_score=args.aesthetic_score,
-                                negative_aesthetic_score=args.negative_aesthetic_score)  # fmt: skip
-        else:
-            gen = pipe.generate(**_common(args), **size, output_type=out_type)
-        return _run(gen, Progress(args.quiet)), pipe
-    if args.image is not None:
+    if args.image is not None and args.refiner is not None:
         raise RuntimeInputError("--image with --refiner is not supported; run img2img on either folder")
-    refiner = SDXLPipeline(args.refiner, share_with=pipe, **kw)
-    if not refiner.is_refiner:
-        raise RuntimeInputError(f"--refiner {args.refiner}: not a refiner folder (its model_index has a text_encoder)")
-    frac = args.high_noise_frac
-    stage2 = dict(aesthetic_score=args.aesthetic_score, negative_aesthetic_score=args.negative_aesthetic_score,
-                  output_type=out_type)  # fmt: skip
-    if frac is not None:
-        stage2["denoising_start"] = frac
-    else:
-        stage2["strength"] = 0.3 if args.refiner_strength is None else args.refiner_strength
-    # both schedules are checked before any work (a fraction may leave one side no step)
-    first = pipe.generate(**_common(args), **size, denoising_end=frac, output_type="latent")
-    refiner.generate(**_common(args), image=np.zeros((1, 4, 8, 8), np.float32), **stage2)
-    latents = _run(first, Progress(args.quiet)).latents
-    if args.low_memory:
-        pipe.release()
-    result = _run(refiner.generate(**_common(args), image=latents, **stage2), Progress(args.quiet))
-    return result, refiner
+    if args.image is not None and (args.height or args.width):
+        raise RuntimeInputError("--height/--width do not apply with --image (its size is used)")
+    pipe = SDXLPipeline(args.model, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
+                        low_memory=args.low_memory, refiner=args.refiner)  # fmt: skip
+    kwargs = dict(prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
+                  negative_prompt_2=args.negative_prompt_2, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+                  num_images_per_prompt=args.num_images, seed=args.seed, clip_skip=args.clip_skip,
+                  scheduler=args.scheduler, output_type="latent" if args.output_type == "latent" else "np",
+                  height=args.height, width=args.width, aesthetic_score=args.aesthetic_score,
+                  negative_aesthetic_score=args.negative_aesthetic_score, high_noise_frac=args.high_noise_frac,
+                  refiner_strength=args.refiner_strength)  # fmt: skip
+    if args.image is not None:
+        kwargs |= dict(image=args.image, strength=args.strength)
+    return _run(pipe.generate(**kwargs), Progress(args.quiet)), pipe
 
 
 def main(argv=None) -> int:
@@ -208,9 +165,8 @@ def main(argv=None) -> int:
     except RuntimeInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    params = dict(
-        result.parameters, model=str(args.model), scheduler=args.scheduler or pipe.scheduler_config.get("_class_name")
-    )
+    scheduler = result.parameters.get("scheduler") or pipe.info.scheduler_config.get("_class_name")
+    params = dict(result.parameters, model=str(args.model), scheduler=scheduler)
     try:
         if args.output_type == "latent":
             save_npy(result.latents, args.output)

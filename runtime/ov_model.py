@@ -6,11 +6,16 @@ import ctypes
 import os
 import sys
 import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
+from runtime import model_cache
 from runtime.errors import RuntimeInputError
 
 _NP_TYPES = {
@@ -82,48 +87,106 @@ class _DropPagesWhile:
         drop_mapped_pages(*self.paths)
 
 
-class OVModel:
-    """One IR on one device. `compile(shapes)` reshapes to static shapes and compiles once per shape set."""
+DEFAULT_MAX_COMPILED = int(os.environ.get("SDXL_OPENVINO_MAX_COMPILED", "4"))
 
-    def __init__(self, core: ov.Core, xml: Path, device: str = "CPU", config: dict | None = None):
+
+class OVModel:
+    """One IR on one device. `compile(shapes)` reshapes to static shapes and compiles once per shape set.
+
+    Thread-safe: the compiled models are shared, each caller runs on infer requests of its own (`__call__` takes
+    an idle one from a pool, a generation's UNet denoiser creates its own), so concurrent calls never share input
+    or output buffers. The CPU plugin runs the requests of one compiled model (one stream under the LATENCY hint)
+    one at a time. At most `max_compiled` shape sets stay compiled, the least recently used is dropped first."""
+
+    def __init__(
+        self,
+        core: ov.Core,
+        xml: Path,
+        device: str = "CPU",
+        config: dict | None = None,
+        max_compiled: int = DEFAULT_MAX_COMPILED,
+    ):
         self.core, self.xml, self.device, self.config = core, Path(xml), device, dict(config or {})
         if not self.xml.is_file():
             raise RuntimeInputError(f"{self.xml.parent}: no {self.xml.name} (submodel missing)")
+        if max_compiled < 1:
+            raise RuntimeInputError(f"max_compiled={max_compiled} must be at least 1")
         self.name = self.xml.parent.name
+        self.max_compiled = max_compiled
         model = core.read_model(self.xml)
         self.input_names = [p.get_any_name() for p in model.inputs]
         self.output_names = [p.get_any_name() for p in model.outputs]
         self.input_types = {p.get_any_name(): _NP_TYPES.get(p.get_element_type(), np.float32) for p in model.inputs}
         self.input_shapes = {p.get_any_name(): p.get_partial_shape() for p in model.inputs}
         self._model: ov.Model | None = model
-        self._compiled: dict[tuple, ov.CompiledModel] = {}
-        self._requests: dict[tuple, ov.InferRequest] = {}
+        self._compiled: OrderedDict[tuple, ov.CompiledModel] = OrderedDict()
+        self._idle: dict[tuple, list[ov.InferRequest]] = {}
+        self._lock = threading.RLock()
+        self._users = 0  # callers running on one of the compiled models: trim/release wait for none
+        self.call_seconds: deque[float] = deque(maxlen=256)  # request.infer seconds of the last __call__s
 
-    def has_input(self, name: str) -> bool:
-        return name in self.input_names
+    @staticmethod
+    def _key(shapes: dict[str, tuple[int, ...]]) -> tuple:
+        return tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
 
-    def compile(self, shapes: dict[str, tuple[int, ...]]) -> ov.InferRequest:
-        """An infer request for these static input shapes (reshape + compile on first use)."""
-        key = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
-        if key not in self._requests:
+    def compile(self, shapes: dict[str, tuple[int, ...]]) -> ov.CompiledModel:
+        """The compiled model for these static input shapes (reshape + compile on first use)."""
+        key = self._key(shapes)
+        with self._lock:
+            compiled = self._compiled.get(key)
+            if compiled is not None:
+                self._compiled.move_to_end(key)
+                return compiled
             model = self._model if self._model is not None else self.core.read_model(self.xml)
             self._model = None  # reshape changes the model: read it again for the next shape set
             if shapes:
                 model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
             cache = self.config.get("CACHE_DIR", self.core.get_property("CACHE_DIR"))
             with _DropPagesWhile(self.xml.with_suffix(".bin"), cache):  # the compiled model holds what it needs
-                compiled = self.core.compile_model(model, self.device, self.config)
+                compiled = model_cache.compile_model(self.core, model, self.device, self.config)
                 del model
             self._compiled[key] = compiled
-            self._requests[key] = compiled.create_infer_request()
-        return self._requests[key]
+            while len(self._compiled) > self.max_compiled:
+                old, _ = self._compiled.popitem(last=False)
+                self._idle.pop(old, None)
+            return compiled
+
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Mark a caller running on this model's compiled models: trim() and release() leave them alone meanwhile
+        (freeing a compiled model's memory while one of its requests runs is an error in OpenVINO)."""
+        with self._lock:
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+
+    @contextmanager
+    def request(self, shapes: dict[str, tuple[int, ...]]) -> Iterator[ov.InferRequest]:
+        """An infer request for these shapes that no other caller uses until the block ends."""
+        key = self._key(shapes)
+        with self.in_use():
+            compiled = self.compile(shapes)
+            with self._lock:
+                pool = self._idle.get(key)
+                request = pool.pop() if pool else compiled.create_infer_request()
+            try:
+                yield request
+            finally:
+                with self._lock:
+                    if self._compiled.get(key) is compiled:  # not dropped or recompiled meanwhile
+                        self._idle.setdefault(key, []).append(request)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on full inputs; outputs are copies (safe to keep across calls)."""
         arrays = self.prepare(inputs)
-        request = self.compile({k: v.shape for k, v in arrays.items()})
-        request.infer(arrays)
-        return {name: request.get_tensor(name).data.copy() for name in self.output_names}
+        with self.request({k: v.shape for k, v in arrays.items()}) as request:
+            t0 = time.perf_counter()
+            request.infer(arrays)
+            self.call_seconds.append(time.perf_counter() - t0)  # deque.append: atomic, no lock needed
+            return {name: request.get_tensor(name).data.copy() for name in self.output_names}
 
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]
@@ -142,11 +205,17 @@ class OVModel:
     def trim(self) -> None:
         """Free the compiled models' intermediate buffers (activations), keep their weights and graphs: between
         stages, so that the UNet's and the VAE's activation memory do not add up. The next call allocates again."""
-        for compiled in self._compiled.values():
-            compiled.release_memory()
+        with self._lock:
+            if self._users:  # another generation is running on it: its buffers are in use
+                return
+            for compiled in self._compiled.values():
+                compiled.release_memory()
 
     def release(self) -> None:
         """Drop the compiled models (their memory); the next call compiles again (fast with the model cache)."""
-        self._requests.clear()
-        self._compiled.clear()
-        self._model = None
+        with self._lock:
+            if self._users:  # another generation is running on it: it stays compiled for them
+                return
+            self._idle.clear()
+            self._compiled.clear()
+            self._model = None

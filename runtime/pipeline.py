@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 from pathlib import Path
 
@@ -15,20 +13,17 @@ import numpy as np
 import openvino as ov
 
 from runtime.errors import RuntimeInputError
-from runtime.generation import Generation, GenerationResult, StepState
+from runtime.generation import Generation, GenerationResult, Refinement, StepState
 from runtime.image import to_uint8
+from runtime.model_cache import default_cache_dir
 from runtime.ov_model import OVModel
+from runtime.params import GenerationParams, ModelInfo
 from runtime.text import TextEncoder
 from runtime.tokenizer import Tokenizer
 
-__all__ = ["SDXLPipeline", "Generation", "GenerationResult", "StepState"]
+__all__ = ["SDXLPipeline", "Generation", "GenerationResult", "GenerationParams", "ModelInfo", "StepState"]
 
 PRECISIONS = ("f32", "bf16", "f16")
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sdxl-openvino" / "ov_cache"
 
 
 def _graph(xml: Path) -> str:
@@ -43,23 +38,24 @@ def same_ir(a: Path, b: Path) -> bool:
         return False
     if a.resolve() == b.resolve():
         return True
-    digests = []
-    for path in bins:
-        with open(path, "rb") as f:
-            digests.append(hashlib.file_digest(f, "sha256").digest())
-    return digests[0] == digests[1] and _graph(a) == _graph(b)
+    return _sha256(bins[0]) == _sha256(bins[1]) and _graph(a) == _graph(b)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RuntimeInputError(f"{path.parent}: no {path.name} (not a converted SDXL model folder?)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise RuntimeInputError(f"{path}: unreadable ({e})") from None
+def _sha256(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.digest()
 
 
 class SDXLPipeline:
+    """A loaded model folder (and optionally its refiner): the one object the CLI, a server or a program calls.
+
+    pipe = SDXLPipeline("./sdxl-base-ov", refiner="./sdxl-refiner-ov")
+    result = pipe(prompt="a lighthouse", high_noise_frac=0.8)   # or refiner_strength=0.3, or neither (0.3)
+    """
+
     def __init__(
         self,
         model_dir: str | Path,
@@ -69,54 +65,35 @@ class SDXLPipeline:
         core: ov.Core | None = None,
         share_with: SDXLPipeline | None = None,
         low_memory: bool = False,
+        refiner: str | Path | SDXLPipeline | None = None,
     ):
-        """share_with: another loaded pipeline (the base, for a refiner) whose text_encoder_2 and VAE are reused,
+        """cache_dir: OpenVINO's model cache ("default": runtime.model_cache.default_cache_dir(); None or "": off).
+        share_with: another loaded pipeline (the base, for a refiner) whose text_encoder_2 and VAE are reused,
         compiled once, when both folders hold the same IR files (SDXL's refiner ships the base's).
         low_memory: compile each model when its stage starts and release it when the stage ends (text encoders,
-        UNet, VAE); the text encoders and the VAE recompile from the model cache, the UNet from its IR."""
-        self.dir = Path(model_dir)
-        if not self.dir.is_dir():
-            raise RuntimeInputError(f"{model_dir}: no such model folder")
+        UNet, VAE); the text encoders and the VAE recompile from the model cache, the UNet from its IR.
+        refiner: a refiner folder (loaded with these settings, sharing what it can) or a loaded refiner pipeline;
+        every call then runs the base -> refiner chain (high_noise_frac or refiner_strength)."""
         if precision is not None and precision not in PRECISIONS:
             raise RuntimeInputError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)} (or omit)")
+        self.info = info = ModelInfo.load(model_dir)
+        self.dir = info.dir
         self.core = core or ov.Core()
         if device.split(":")[0].split(".")[0] not in ("AUTO", "MULTI", "HETERO", "BATCH") and not any(
             d.startswith(device) for d in self.core.available_devices
         ):
             raise RuntimeInputError(f"device {device!r} not available; this machine has {self.core.available_devices}")
-        if share_with is not None:
-            core = share_with.core
         if cache_dir == "default":
             cache_dir = default_cache_dir()
         if cache_dir:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            self.core.set_property({"CACHE_DIR": str(cache_dir)})
+        self.cache_dir = str(cache_dir or "")
         self.device, self.precision, self.low_memory = device, precision, low_memory
-        self.index = _read_json(self.dir / "model_index.json")
-        self.scheduler_config = _read_json(self.dir / "scheduler" / "scheduler_config.json")
-        self.unet_config = _read_json(self.dir / "unet" / "config.json")
-        self.vae_config = _read_json(self.dir / "vae_decoder" / "config.json")
-        # metadata, not folder names: a refiner's model_index has no text_encoder
-        self.is_refiner = not (self.index.get("text_encoder") or [None])[0]
-        self.force_zeros_for_empty_prompt = bool(self.index.get("force_zeros_for_empty_prompt", True))
-        self.requires_aesthetics_score = bool(self.index.get("requires_aesthetics_score", False))
-        self.vae_scale_factor = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
-        self.default_size = int(self.unet_config.get("sample_size", 128)) * self.vae_scale_factor
-        self.time_cond_proj_dim = self.unet_config.get("time_cond_proj_dim")
-        # VAE latent normalisation: scaling_factor, and per-channel mean/std where the config has them
-        self.scaling_factor = np.float32(self.vae_config.get("scaling_factor", 0.13025))
-        self.latents_mean = self.latents_std = None
-        if self.vae_config.get("latents_mean") is not None and self.vae_config.get("latents_std") is not None:
-            self.latents_mean = np.asarray(self.vae_config["latents_mean"], np.float32).reshape(1, -1, 1, 1)
-            self.latents_std = np.asarray(self.vae_config["latents_std"], np.float32).reshape(1, -1, 1, 1)
 
-        cfg = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+        # the model cache goes with each compile, not on the Core (which may be the caller's)
+        cfg = {"CACHE_DIR": self.cache_dir, **({"INFERENCE_PRECISION_HINT": precision} if precision else {})}
         # SDXL's VAE overflows in f16 (force_upcast); bf16 has f32's range.
-        vae_cfg = (
-            {"INFERENCE_PRECISION_HINT": "f32"}
-            if precision == "f16" and self.vae_config.get("force_upcast", True)
-            else cfg
-        )
+        vae_cfg = {**cfg, "INFERENCE_PRECISION_HINT": "f32"} if precision == "f16" and info.force_upcast else cfg
         # Low memory: the UNet compiles from its IR, not from the model cache. A cache hit first hashes the IR (every
         # weight page read) and then maps the blob: both at once, on top of the compiled model (SDXL fp16 UNet:
         # 14.0 GiB peak from the cache against 9.9 GiB from the IR, for 3 s of compile time).
@@ -126,7 +103,7 @@ class SDXLPipeline:
         self._vae_encoder_cfg = vae_cfg
         self._vae_encoder = None
         self.text_encoders = []
-        pairs = [("tokenizer_2", "text_encoder_2")] if self.is_refiner else [
+        pairs = [("tokenizer_2", "text_encoder_2")] if info.is_refiner else [
             ("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]  # fmt: skip
         for tok, enc in pairs:
             try:
@@ -135,9 +112,38 @@ class SDXLPipeline:
                 raise RuntimeInputError(f"{self.dir}: no {tok}/openvino_tokenizer.xml (submodel missing)") from None
             encoder = OVModel(self.core, self.dir / enc / "openvino_model.xml", device, cfg)
             self.text_encoders.append(TextEncoder(tokenizer, encoder))
+        self.unet_observers: list = []  # callables handed each UNet call's inputs (runtime.denoise.UNetDenoiser)
         self.shared: list[str] = []
         if share_with is not None:
             self._share(share_with)
+        self.refiner: SDXLPipeline | None = None
+        if refiner is not None:
+            self.refiner = refiner if isinstance(refiner, SDXLPipeline) else SDXLPipeline(
+                refiner, device=device, precision=precision, cache_dir=cache_dir or None, core=self.core,
+                share_with=self, low_memory=low_memory)  # fmt: skip
+            if not self.refiner.info.is_refiner:
+                raise RuntimeInputError(f"refiner {refiner}: not a refiner folder (its model_index has a text_encoder)")
+
+    # the folder's facts, as attributes for callers of earlier versions
+    @property
+    def is_refiner(self) -> bool:
+        return self.info.is_refiner
+
+    @property
+    def scheduler_config(self) -> dict:
+        return self.info.scheduler_config
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.info.vae_scale_factor
+
+    @property
+    def default_size(self) -> int:
+        return self.info.default_size
+
+    @property
+    def time_cond_proj_dim(self) -> int | None:
+        return self.info.time_cond_proj_dim
 
     def _share(self, other: SDXLPipeline) -> None:
         if (self.device, self.precision) != (other.device, other.precision):
@@ -160,23 +166,63 @@ class SDXLPipeline:
             self._vae_encoder = OVModel(self.core, xml, self.device, self._vae_encoder_cfg)
         return self._vae_encoder
 
+    # -- generating ---------------------------------------------------------------------------------------------
     def __call__(self, **kwargs) -> GenerationResult:
+        """Generate with diffusers' keyword names (GenerationParams); returns the finished result."""
         return self.generate(**kwargs).result()
 
-    def generate(self, **kwargs) -> Generation:
-        """Validate the parameters and return the generation; iterate it for per-step state."""
-        return Generation(self, kwargs)
+    def generate(self, **kwargs) -> Generation | Refinement:
+        """Validate the parameters and return the generation; iterate it for per-step state, then `result()`.
+        With a refiner: the base -> refiner chain, its steps numbered as one run."""
+        params = GenerationParams.create(**kwargs)
+        if self.refiner is None and (params.high_noise_frac is not None or params.refiner_strength is not None):
+            raise RuntimeInputError("high_noise_frac and refiner_strength need a refiner (SDXLPipeline(refiner=...))")
+        params = self.with_presets(params)
+        if self.refiner is not None:
+            return Refinement(self, self.refiner, params)
+        return Generation(self, params)
 
+    def generation(self, params: GenerationParams, handoff: bool = False) -> Generation:
+        """A generation of this folder from checked parameters (the folder's presets applied)."""
+        return Generation(self, self.with_presets(params), handoff=handoff)
+
+    def with_presets(self, params: GenerationParams) -> GenerationParams:
+        """Fill in what the caller left to the folder: steps, guidance and the LCM scheduler (ModelInfo.presets)."""
+        return params.replace(**self.info.presets(params.scheduler, params.num_inference_steps, params.guidance_scale))
+
+    # -- the stages' models -------------------------------------------------------------------------------------
     def encode_image(self, image: np.ndarray, generator) -> np.ndarray:
         """[B, 3, H, W] in [-1, 1] -> scaled latents, sampling the VAE posterior with `generator`.
         # ref: diffusers retrieve_latents(sample_mode="sample") + DiagonalGaussianDistribution.sample"""
+        info = self.info
         moments = self.vae_encoder({"sample": image})["latent_parameters"]  # [B, 8, h, w]
+        self.done_with(self.vae_encoder)
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
         latents = mean + std * generator.randn(mean.shape)
-        if self.latents_mean is not None:
-            return ((latents - self.latents_mean) * self.scaling_factor / self.latents_std).astype(np.float32)
-        return (self.scaling_factor * latents).astype(np.float32)
+        if info.latents_mean is not None:
+            return ((latents - info.latents_mean) * info.scaling_factor / info.latents_std).astype(np.float32)
+        return (info.scaling_factor * latents).astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """[N, 4, h, w] latents -> [N, H, W, 3] uint8, one image per VAE call (lower peak memory, same numbers)."""
+        info = self.info
+        if info.latents_mean is not None:
+            scaled = latents * info.latents_std / info.scaling_factor + info.latents_mean
+        else:
+            scaled = latents / info.scaling_factor
+        images = [
+            to_uint8(self.vae_decoder({"latent_sample": scaled[i : i + 1]})["sample"]) for i in range(len(scaled))
+        ]
+        self.done_with(self.vae_decoder)
+        return np.concatenate(images)
+
+    def done_with(self, model: OVModel) -> None:
+        """A model's stage has ended: release it (low memory) or free its activation buffers."""
+        if self.low_memory:
+            model.release()
+        else:
+            model.trim()
 
     def release(self) -> None:
         """Free the compiled UNet and text encoders: low-memory mode between the base and the refiner. The next
@@ -184,14 +230,3 @@ class SDXLPipeline:
         self.unet.release()
         for enc in self.text_encoders:
             enc.encoder.release()
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """[N, 4, h, w] latents -> [N, H, W, 3] uint8, one image per VAE call (lower peak memory, same numbers)."""
-        if self.latents_mean is not None:
-            scaled = latents * self.latents_std / self.scaling_factor + self.latents_mean
-        else:
-            scaled = latents / self.scaling_factor
-        images = [
-            to_uint8(self.vae_decoder({"latent_sample": scaled[i : i + 1]})["sample"]) for i in range(len(scaled))
-        ]
-        return np.concatenate(images)

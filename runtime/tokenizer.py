@@ -8,6 +8,7 @@ variable); both are set here. It keeps openvino-tokenizers' known differences fr
 typed in the prompt, tokenizer_2's "!", rare Unicode): convert/tokenizers.py lists them.
 """
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ class Tokenizer:
             int(model.get_rt_info("pad_token_id").astype(int)) if model.has_rt_info("pad_token_id") else None
         )
         self._request = core.compile_model(model, "CPU").create_infer_request()
+        self._lock = threading.Lock()  # one request (it holds the truncation state): callers take turns
         for state in self._request.query_state():
             if state.name == TRUNCATION_STATE:
                 state.state = ov.Tensor(np.array(True))
@@ -46,7 +48,8 @@ class Tokenizer:
             raise ValueError("a prompt ends with a NUL character, which OpenVINO string tensors cannot carry")
         if not texts:
             return np.zeros((0, self.max_length), np.int64)
-        ids = self._request.infer([np.array(texts, dtype=np.str_)])[INPUT_IDS].astype(np.int64)  # [B, L]
+        with self._lock:
+            ids = self._request.infer([np.array(texts, dtype=np.str_)])[INPUT_IDS].astype(np.int64)  # [B, L]
         if ids.shape[1] > self.max_length:
             raise ValueError(f"tokenizer returned {ids.shape[1]} tokens, more than {self.max_length}")
         if ids.shape[1] < self.max_length:  # optimum's export pads to the longest prompt only

@@ -66,6 +66,10 @@ def run_diffusers(src, seed: int, scheduler: str | None = None, img2img: bool = 
 
 def run_ours(ov_dir, seed: int, **kwargs):
     kwargs.setdefault("output_type", "np")
+    # diffusers' defaults, stated: our pipeline fills what is left out from the folder's presets (LCM: 4 steps,
+    # guidance 1 or 8), which is what a user wants but not what a diffusers call without them does
+    kwargs.setdefault("num_inference_steps", 50)
+    kwargs.setdefault("guidance_scale", 5.0)
     result = our_pipe(str(ov_dir))(seed=seed, **kwargs)
     return result.latents, result.images
 

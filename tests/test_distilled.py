@@ -31,18 +31,14 @@ def test_lcm_img2img(tiny):
 
 
 def test_lcm_folder_presets(tiny):
-    from runtime.generate import parse_args, resolve_presets
-    from runtime.pipeline import SDXLPipeline
+    """The folder's presets (runtime.params.ModelInfo.presets), which the CLI and the Python API both apply."""
+    from runtime.params import ModelInfo
 
     _, lcm = tiny("lcm")
     _, base = tiny("base")
-    args = resolve_presets(parse_args(["--model", str(lcm), "--prompt", "x"]), SDXLPipeline(lcm, cache_dir=None))
-    assert (args.steps, args.guidance_scale) == (4, 8.0)
-    args = parse_args(["--model", str(lcm), "--prompt", "x", "--steps", "6", "--guidance-scale", "1.5"])
-    args = resolve_presets(args, SDXLPipeline(lcm, cache_dir=None))
-    assert (args.steps, args.guidance_scale) == (6, 1.5)
-    args = resolve_presets(parse_args(["--model", str(base), "--prompt", "x"]), SDXLPipeline(base, cache_dir=None))
-    assert (args.steps, args.guidance_scale) == (50, 5.0)
-    args = parse_args(["--model", str(base), "--prompt", "x", "--scheduler", "lcm"])
-    args = resolve_presets(args, SDXLPipeline(base, cache_dir=None))
-    assert (args.steps, args.guidance_scale) == (4, 1.0)  # an LCM-LoRA'd UNet: no w-embedding, no CFG
+    lcm, base = ModelInfo.load(lcm), ModelInfo.load(base)
+    assert lcm.presets(None, None, None) == {"scheduler": None, "num_inference_steps": 4, "guidance_scale": 8.0}
+    assert lcm.presets(None, 6, 1.5) == {"scheduler": None, "num_inference_steps": 6, "guidance_scale": 1.5}
+    assert base.presets(None, None, None) == {"scheduler": None, "num_inference_steps": 50, "guidance_scale": 5.0}
+    # an LCM-LoRA'd UNet: no w-embedding, no CFG
+    assert base.presets("lcm", None, None) == {"scheduler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}

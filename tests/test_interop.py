@@ -29,8 +29,18 @@ def test_i64_timestep_folder_gives_the_same_picture(tiny, i64_folder):
     np.testing.assert_allclose(ours.latents, ref.latents, atol=1e-6)
 
 
-def test_openvino_genai_loads_our_folder(i64_folder):
+@pytest.mark.parametrize("negative_prompt", ["dog", None])
+def test_openvino_genai_makes_our_picture_from_our_folder(i64_folder, negative_prompt):
+    """genai loads the folder and, drawing torch's noise (its TorchGenerator) for the same seed, makes the picture
+    our runtime makes, within the standing pixel tolerance (square: genai builds time ids width-first)."""
     genai = pytest.importorskip("openvino_genai", reason="openvino-genai is not installed (the [dev] extra has it)")
-    pipe = genai.Text2ImagePipeline(str(i64_folder), "CPU")
-    image = pipe.generate("a cat", width=256, height=192, num_inference_steps=2)
-    assert list(image.shape) == [1, 192, 256, 3] and image.data.dtype == np.uint8
+    pipe = genai.Text2ImagePipeline(str(i64_folder), "CPU", INFERENCE_PRECISION_HINT="f32")
+    kw = dict(width=256, height=256, num_inference_steps=3, guidance_scale=5.0)
+    extra = {"negative_prompt": negative_prompt} if negative_prompt else {}
+    theirs = pipe.generate("a cat", generator=genai.TorchGenerator(2), **kw, **extra).data
+    ours = SDXLPipeline(i64_folder, precision="f32", cache_dir=None)(
+        prompt="a cat", negative_prompt=negative_prompt, seed=2, **kw
+    ).images
+    assert theirs.shape == ours.shape == (1, 256, 256, 3) and theirs.dtype == np.uint8
+    assert ours.std() > 10  # a picture, not a flat image
+    assert int(np.abs(theirs.astype(np.int16) - ours.astype(np.int16)).max()) <= 2
