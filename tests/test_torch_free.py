@@ -1,7 +1,8 @@
 """The runtime works where torch, diffusers and transformers are not installed.
 
-A second virtual environment gets the base install only (no extras); the runtime CLI runs there on a folder
-converted earlier in this test session and must write the same picture as the runtime in this process.
+A second virtual environment gets the base install only (no extras; tests/venvs.py, shared with
+test_python_versions.py); the runtime CLI runs there on a folder converted earlier in this test session and must
+write the same picture as the runtime in this process.
 """
 
 from __future__ import annotations
@@ -9,30 +10,21 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.models import CACHE, ROOT
+from tests import venvs
+from tests.models import ROOT
 
 FORBIDDEN = ("torch", "diffusers", "transformers", "nncf", "convert")
-VENV = CACHE / "venv-runtime"
-
-
-def _venv_python() -> Path:
-    python = VENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    # base install only: openvino, openvino-tokenizers, numpy, pillow and our packages (non-editable)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT)], check=True,
-                   cwd=CACHE)  # fmt: skip
-    return python
 
 
 @pytest.fixture(scope="module")
 def venv_python():
-    return _venv_python()
+    # base install only: openvino, openvino-tokenizers, numpy, pillow and our packages (non-editable), in a venv
+    # of this interpreter's version, reused while pyproject.toml, runtime/ and schedulers/ are unchanged
+    return venvs.base_venv(sys.executable)
 
 
 def test_forbidden_packages_are_absent(venv_python):
