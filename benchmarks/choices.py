@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.memory import peak_rss_self
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "choices.jsonl"
@@ -126,7 +127,7 @@ def child(spec: dict) -> dict:
     return {
         "compile_s": compile_s,
         "calls_s": times,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss": peak_rss_self(),
     }
 
 

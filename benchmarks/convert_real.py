@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.memory import run_measured
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"
@@ -74,17 +75,6 @@ def build(name: str, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure(cmd: list[str]) -> tuple[float, int, int]:
-    """Run a child; -> (seconds, its peak RSS in bytes, exit code)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    code = subprocess.call(cmd)
-    seconds = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all children so far: run the biggest first or read per-child logs
-    return seconds, peak_kib * 1024 if peak_kib > before else 0, code
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.convert_real")
     p.add_argument("--models", nargs="+", default=MODELS, choices=[*MODELS, MID])
@@ -107,13 +97,13 @@ def main(argv=None) -> int:
         shutil.rmtree(ov_dir, ignore_errors=True)
         cmd = [sys.executable, "-m", "convert", str(src), str(ov_dir), "--weight-format", args.weight_format,
                "--timestep-dtype", args.timestep_dtype]  # fmt: skip
-        seconds, peak, code = measure(cmd)
+        seconds, peak, code = run_measured(cmd)
         if code != 0:
             print(f"{name}: conversion failed with exit code {code}")
             return code
         info = json.loads((ov_dir / "convert_info.json").read_text())
         record = {"model": name, "weight_format": args.weight_format, "seconds": round(seconds, 1),
-                  "peak_rss_bytes_max_so_far": peak, "submodels": info["submodels"],
+                  "peak_rss_bytes": peak, "submodels": info["submodels"],
                   "versions": info["versions"],
                   "cpu": platform.processor() or platform.machine(),
                   "date": time.strftime("%Y-%m-%d %H:%M")}  # fmt: skip

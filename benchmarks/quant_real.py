@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.memory import peak_rss_self
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -115,7 +116,7 @@ def _time(xml: str, precision: str, size: int, calls: int) -> None:
     model.reshape({n: shapes[n] for n in names})
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
     load = time.perf_counter() - t0
-    rss_compiled = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_compiled = peak_rss_self()
     rng = np.random.default_rng(0)
     request = compiled.create_infer_request()
     for n in names:
@@ -128,7 +129,7 @@ def _time(xml: str, precision: str, size: int, calls: int) -> None:
         request.infer()
         times.append(time.perf_counter() - t)
     out = {"load_compile_s": load, "warmup_s": times[0], "calls_s": times[1:], "rss_after_compile": rss_compiled,
-           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # fmt: skip
+           "peak_rss": peak_rss_self()}  # fmt: skip
     print(json.dumps(out))
 
 

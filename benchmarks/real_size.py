@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.memory import peak_rss_self
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -53,9 +54,8 @@ def child(spec: dict) -> dict:
     size, steps = spec["size"], spec["steps"]
     t = now()
     pipe = SDXLPipeline(_folder(spec["model"], spec["weights"]), low_memory=spec["low_memory"])
-    kw = dict(prompt=PROMPT, height=size, width=size, seed=0, num_inference_steps=steps, output_type="np")
-    if pipe.time_cond_proj_dim or pipe.scheduler_config.get("_class_name") == "LCMScheduler":
-        kw["guidance_scale"] = 8.0 if pipe.time_cond_proj_dim else 1.0
+    kw = dict(prompt=PROMPT, height=size, width=size, seed=0, output_type="np")
+    kw |= pipe.info.presets(None, steps, None)  # the folder's scheduler and guidance (LCM: its recipe)
     refiner = None
     if spec.get("refiner"):
         refiner = SDXLPipeline(_folder(spec["refiner"], spec["weights"]), share_with=pipe,
@@ -79,7 +79,7 @@ def child(spec: dict) -> dict:
         out |= {"parts": {"base": {k: v for k, v in base.items() if k != "result"},
                           "refiner": {k: v for k, v in ref.items() if k != "result"}},
                 "end_to_end_s": base["end_to_end_s"] + ref["end_to_end_s"]}  # fmt: skip
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss"] = peak_rss_self()
     return out
 
 
@@ -119,14 +119,22 @@ def main(argv=None) -> int:
                         "of both UNets with few steps, project at 0.8")  # fmt: skip
     p.add_argument("--weights", default="fp16", help="folder suffix: benchmarks/out/<model>-random-ov-<weights>")
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--project", type=int, default=30, help="steps to project to (LCM models: 4, run as is)")
+    p.add_argument("--project", type=int, default=30, help="steps to project to (LCM folders: their preset, as is)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--low-memory", action="store_true")
     args = p.parse_args(argv)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    from runtime.errors import RuntimeInputError
+    from runtime.params import ModelInfo
+
     for model in args.models:
-        lcm = model.startswith("lcm")
-        steps = 4 if lcm else args.steps
+        try:
+            info = ModelInfo.load(_folder(model, args.weights))
+        except RuntimeInputError as e:
+            print(f"{model}: failed: {e}")
+            continue
+        lcm = info.is_lcm  # an LCM folder runs its preset steps (4), as is: no projection
+        steps = info.presets(None, None, None)["num_inference_steps"] if lcm else args.steps
         spec = dict(model=model, weights=args.weights, size=args.size, steps=steps, low_memory=args.low_memory,
                     refiner=args.refiner, high_noise_frac=args.high_noise_frac)  # fmt: skip
         t = now()
@@ -139,7 +147,7 @@ def main(argv=None) -> int:
             continue
         rec = {**spec, **json.loads(line[9:]), "wall_s": wall, "date": time.strftime("%Y-%m-%d %H:%M"),
                "commit": _commit()}  # fmt: skip
-        target = 4 if lcm else args.project
+        target = steps if lcm else args.project
         rec["projected_steps"] = target
         if args.refiner:
             rec["project_high_noise_frac"] = args.project_high_noise_frac or args.high_noise_frac

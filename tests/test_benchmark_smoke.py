@@ -35,6 +35,13 @@ def test_benchmark_smoke(tmp_path):
         assert seconds.get(stage, 0) > 0, (stage, seconds)
     rss = [r["bytes"] for r in records if r["kind"] == "measurement" and r["stage"] == "peak_rss"]
     assert rss and rss[0] > 0
+    # the runtime's own timers: each UNet call (the generation's denoiser), each text encoder and VAE call (OVModel)
+    detail = next(r for r in records if r["kind"] == "detail" and r["arm"] == "ours")
+    assert len(detail["unet_calls"]) == 2 and min(detail["unet_calls"]) > 0
+    models = {"text_encoder", "text_encoder_2", "vae_decoder"}
+    calls = detail["model_calls"]
+    assert set(calls) == models and all(len(v) == 1 and v[0] > 0 for v in calls.values()), calls
+    assert set(detail["compile_cold_per_model"]) == models | {"unet"}
 
     summary = next(r for r in records if r["kind"] == "summary")
     for key in ("openvino", "device", "precision", "cpu_flags", "model", "height", "width", "steps", "model_bytes"):
@@ -85,6 +92,11 @@ def test_benchmark_bad_input(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
         assert not (tmp_path / "out").exists()
+    # run as a file from another folder: it imports its own checkout, paths are the caller's
+    cmd = [sys.executable, ROOT / "benchmarks" / "run.py", "--model", "missing", "--out", "out"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: missing: not a converted SDXL model folder (no model_index.json)\n"
 
 
 def test_choices_measures_each_variant_against_the_runtimes_choice(tmp_path):
