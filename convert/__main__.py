@@ -126,6 +126,7 @@ def main(argv=None) -> int:
             config=args.config,
             scheduler=args.scheduler,
             timestep_dtype=args.timestep_dtype,
+            inputs=[("the calibration prompts", args.calibration_prompts)],
             log=print,
         )
     except ConvertError as e:

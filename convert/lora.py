@@ -129,9 +129,11 @@ def read_lora(path: Path) -> LoraFile:
     return LoraFile(path, list(layers.values()), metadata)
 
 
-def check_loras(loras: list[tuple[str | Path, float]], components: list[str] | None = None) -> None:
+def check_loras(loras: list[tuple[str | Path, float]], components: list[str] | None = None, source=None) -> None:
     """Every file exists and is a .safetensors LoRA of the UNet/text encoders, every scale a finite number.
-    components: the pipeline's components, when known (a refiner has no text_encoder)."""
+    components: the pipeline's components, when known (a refiner has no text_encoder).
+    source: a convert.source.Source: every layer is also matched to its module and its shapes checked against the
+    models its configs build on the meta device (nothing loaded), and every tensor must be finite, before any work."""
     for path, scale in loras:
         if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
             raise ConvertError(f"--lora {path}: scale {scale!r} is not a finite number")
@@ -140,6 +142,35 @@ def check_loras(loras: list[tuple[str | Path, float]], components: list[str] | N
             if components is not None and layer.component not in components:
                 raise ConvertError(f"{path}: key '{layer.down}' is for {layer.component}, which this pipeline "
                                    "does not have")  # fmt: skip
+    if source is not None:
+        _check_against(loras, source)
+
+
+def _check_against(loras: list[tuple[str | Path, float]], source) -> None:
+    """check_loras' checks against the source's models (on the meta device, from its configs), as apply_loras does
+    them; a single file without --config (configs from the hub) is checked for finite values only."""
+    import torch
+    from safetensors import safe_open
+
+    from convert.source import empty_model
+
+    modules: dict[str, Modules | None] = {}
+    for path, _ in loras:
+        lora = read_lora(Path(path))
+        with safe_open(lora.path, framework="pt") as f:
+            for name in ("text_encoder", "text_encoder_2", "unet"):  # in the order they are converted
+                layers = [layer for layer in lora.layers if layer.component == name]
+                if not layers:
+                    continue
+                if name not in modules:
+                    model = empty_model(source, name)
+                    modules[name] = None if model is None else Modules(name, model)
+                if modules[name] is not None:
+                    _plan(lora, layers, modules[name], f)
+            for layer in lora.layers:
+                for key in (layer.down, layer.up, layer.alpha):
+                    if key is not None and not torch.isfinite(f.get_tensor(key)).all():
+                        raise ConvertError(f"{path}: key '{key}' holds non-finite values (nan or inf)")
 
 
 def _flat(name: str) -> str:
@@ -274,19 +305,29 @@ def apply_loras(name: str, model: torch.nn.Module, loras: list[tuple[Path, float
             continue
         modules = modules or Modules(name, model)
         with safe_open(lora.path, framework="pt") as f:
-            plan = []
-            for layer in layers:  # every key is checked before any weight changes
-                module = modules.find(layer)
-                if module is None:
-                    raise ConvertError(f"{path}: key '{layer.down}' does not match {SHOWN[name]} "
-                                       f"(no Linear or Conv2d module {layer.module})")  # fmt: skip
-                rank = _check_shapes(lora, layer, module, list(modules.modules[module].weight.shape), f)
-                plan.append((layer, module, _scaling(lora, layer, module, rank, f)))
+            plan = _plan(lora, layers, modules, f)  # every key is checked before any weight changes
             with torch.no_grad():
                 for layer, module, scaling in plan:
                     weight = modules.modules[module].weight
                     down, up = f.get_tensor(layer.down).float(), f.get_tensor(layer.up).float()
                     scaling *= scale  # peft scale_layer, then merge: W += (B @ A) * scaling
                     delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scaling
-                    weight.copy_((weight.float() + delta).to(weight.dtype))
+                    fused = weight.float() + delta
+                    if not torch.isfinite(fused).all() and torch.isfinite(weight).all():
+                        raise ConvertError(f"{path}: fusing key '{layer.down}' (scale {scale:g}) makes "
+                                           f"{SHOWN[name]} weight {module} non-finite (inf or nan)")  # fmt: skip
+                    weight.copy_(fused.to(weight.dtype))
     return model
+
+
+def _plan(lora: LoraFile, layers: list[Layer], modules: Modules, f) -> list[tuple[Layer, str, float]]:
+    """-> (layer, module name, alpha/rank) per layer; ConvertError naming the first key that does not fit."""
+    plan = []
+    for layer in layers:
+        module = modules.find(layer)
+        if module is None:
+            raise ConvertError(f"{lora.path}: key '{layer.down}' does not match {SHOWN[layer.component]} "
+                               f"(no Linear or Conv2d module {layer.module})")  # fmt: skip
+        rank = _check_shapes(lora, layer, module, list(modules.modules[module].weight.shape), f)
+        plan.append((layer, module, _scaling(lora, layer, module, rank, f)))
+    return plan

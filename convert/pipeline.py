@@ -11,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from convert import safety
 from convert.errors import ConvertError
-from convert.source import Loader, resolve
+from convert.source import Loader, check_scheduler_config, check_single_file, resolve
+from runtime.leftovers import cleanup_stale
 
 
 @dataclass
@@ -48,7 +50,7 @@ FLAG_DEFAULTS = {
 def _prepare_output(output: Path) -> Path:
     """A temporary folder beside OUTPUT (whose existence convert_pipeline has checked), proven writable."""
     output = Path(output)
-    parent = output.resolve().parent
+    parent = safety.beside(output)
     if not parent.is_dir():
         raise ConvertError(f"{output}: parent folder {parent} does not exist")
     tmp = parent / f".{output.name}.partial-{os.getpid()}"
@@ -60,17 +62,6 @@ def _prepare_output(output: Path) -> Path:
     except OSError as e:
         raise ConvertError(f"{output}: cannot write there ({e.strerror or e})") from None
     return tmp
-
-
-def _finish(tmp: Path, output: Path) -> None:
-    output = Path(output)
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        output.rename(old)
-    tmp.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def convert_pipeline(
@@ -86,21 +77,47 @@ def convert_pipeline(
     timestep_dtype: str = "f32",
     quantize_unet: str | None = None,
     calibration=None,
+    inputs: list[tuple[str, str]] = (),
 ) -> Path:
     """isolate: each component's tracing and each IR's check run in a child process (the peak memory of the
     conversion is then that of its largest step); tests of tiny models turn it off for speed.
     quantize_unet: "int8" or "hybrid" (convert.quantize), calibrated as `calibration` (a quantize.Calibration)
-    says; the UNet is then traced in fp16 (fp32 with weight_format fp32), weight_format applies to the rest."""
+    says; the UNet is then traced in fp16 (fp32 with weight_format fp32), weight_format applies to the rest.
+    inputs: (what, path) of other files read (e.g. the calibration prompts), refused inside OUTPUT like the source.
+
+    Nothing the user has is destroyed: the source, --config, LoRAs and inputs are refused inside OUTPUT (and OUTPUT
+    inside them); OUTPUT is locked for the whole conversion; the folder is written beside it and moved into place
+    only if OUTPUT is still what was checked (convert.safety); the leftovers of killed conversions are cleaned."""
+    output = Path(output)
+    safety.check_paths(source, output, config, [("the LoRA", str(f)) for f, _ in loras or []] + list(inputs))
+    src = resolve(source, config)  # bad input fails here, before the heavy imports
+    lock = safety.OutputLock(output)  # a second conversion to OUTPUT fails here, before any work
+    try:
+        for line in cleanup_stale(safety.beside(output), output.name):  # what killed conversions left
+            log(line)
+        if os.path.lexists(output) and not overwrite:
+            raise ConvertError(f"{output} exists; pass --overwrite to replace it")
+        return _convert(src, output, weight_format, overwrite, log, isolate, loras, scheduler, timestep_dtype,
+                        quantize_unet, calibration)  # fmt: skip
+    finally:
+        lock.release()
+
+
+def _convert(src, output: Path, weight_format, overwrite, log, isolate, loras, scheduler, timestep_dtype,
+             quantize_unet, calibration) -> Path:  # fmt: skip
+    """convert_pipeline under the OUTPUT lock: the checks that need the libraries, then the work."""
     from dataclasses import asdict
 
-    src = resolve(source, config)  # bad input fails here, before the heavy imports
-    if Path(output).exists() and not overwrite:
-        raise ConvertError(f"{output} exists; pass --overwrite to replace it")
+    import torch
+
     from convert import component
     from convert.tokenizers import convert_tokenizer
 
     quiet_libraries()
-    if scheduler:
+    loader = Loader(src, torch.float16 if weight_format == "fp16" else torch.float32)
+    if src.kind != "single-file" or src.config_dir is not None:  # the config is at hand: check it before any work
+        _checked_scheduler(loader.scheduler_config(), scheduler, f"{src.config_dir or src.location}: scheduler config")
+    elif scheduler:
         _swap_scheduler({"_class_name": "EulerDiscreteScheduler"}, scheduler)  # unknown names fail before work
     if quantize_unet:
         from convert import quantize
@@ -109,18 +126,17 @@ def convert_pipeline(
             raise ConvertError(f"--quantize-unet {quantize_unet!r}: choose one of {', '.join(quantize.MODES)}")
         calibration = calibration or quantize.Calibration()
         quantize.check_settings(calibration)
+    check_single_file(src)  # tensor shapes from the file's header, before anything is loaded
     if loras:
         from convert.lora import check_loras
 
-        check_loras(loras, components=src.components)  # files exist, scales are numbers: before any output is written
-    tmp = _prepare_output(Path(output))
+        # files exist, scales are numbers, keys and shapes fit the models: before any output is written
+        check_loras(loras, components=src.components, source=src)
+    tmp = _prepare_output(output)
     t_start = time.perf_counter()
     # A single file is loaded once as a whole pipeline, so its components are converted in this process.
     isolate = isolate and src.kind != "single-file"
     try:
-        import torch
-
-        loader = Loader(src, torch.float16 if weight_format == "fp16" else torch.float32)
         results = {}
         log(f"converting {src.location} ({src.kind}, {src.model_index['_class_name']}) -> {output}, {weight_format}")
         for name in ("tokenizer", "tokenizer_2"):
@@ -153,9 +169,8 @@ def convert_pipeline(
             gc.collect()
 
         (tmp / "scheduler").mkdir()
-        sched = loader.scheduler_config()  # untouched, unless another scheduler is asked for
-        if scheduler:
-            sched = _swap_scheduler(sched, scheduler)
+        # untouched, unless another scheduler is asked for; a single file's config is only known once loaded
+        sched = _checked_scheduler(loader.scheduler_config(), scheduler, f"{src.location}: scheduler config")
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
         index = dict(src.model_index)
         for flag, default in FLAG_DEFAULTS.get(index["_class_name"], {}).items():
@@ -172,11 +187,20 @@ def convert_pipeline(
             "unet_quantization": quantization,
         }  # fmt: skip
         (tmp / "convert_info.json").write_text(json.dumps(info, indent=2))
-        _finish(tmp, Path(output))
+        safety.move_into_place(tmp, output, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"done in {time.perf_counter() - t_start:.1f} s: {output}")
-    return Path(output)
+    return output
+
+
+def _checked_scheduler(config: dict, scheduler: str | None, where: str) -> dict:
+    """The scheduler config to write (another scheduler's if asked), its values checked before and after."""
+    check_scheduler_config(config, where)
+    if scheduler:
+        config = _swap_scheduler(config, scheduler)
+        check_scheduler_config(config, f"{where} as --scheduler {scheduler}")
+    return config
 
 
 def _quantize_unet(tmp: Path, mode: str, calibration, isolate: bool, log) -> dict:

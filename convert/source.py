@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ NOT_SDXL = {
     "FluxPipeline": "FLUX",
 }
 COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
+MAX_TRAIN_TIMESTEPS = 100_000  # SDXL-family models train on 1000; a config far above is broken, not a model
 
 
 @dataclass
@@ -133,6 +135,165 @@ def _resolve_hub(repo_id: str) -> Source:
     return Source("hub", repo_id, index, _check_index(index, repo_id))
 
 
+def check_scheduler_config(config: dict, where: str) -> None:
+    """Refuse non-finite or out-of-range values of the scheduler config keys the runtime computes with, naming the
+    key and its value (one bad number makes every generation NaN, or a schedule of 5e8 steps)."""
+
+    def bad(key: str, expected: str, value=...):
+        value = config[key] if value is ... else value
+        raise ConvertError(f"{where}: {key} is {value!r}; expected {expected}")
+
+    def number(key: str, low: float, high: float = math.inf) -> float | None:
+        v = config.get(key)
+        if v is None:
+            return None
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and low < v < high
+        if not ok:
+            bad(key, f"a finite number above {low:g}" + (f" and below {high:g}" if high != math.inf else ""))
+        return v
+
+    def integer(key: str, low: int, high: int) -> int | None:
+        v = config.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            bad(key, f"a whole number from {low} to {high}")
+        return v
+
+    steps = integer("num_train_timesteps", 1, MAX_TRAIN_TIMESTEPS) or 1000
+    start, end = number("beta_start", 0.0, 1.0), number("beta_end", 0.0, 1.0)
+    if start is not None and end is not None and end <= start:
+        bad("beta_end", f"a number above beta_start ({start!r})")
+    integer("steps_offset", 0, steps - 1)
+    integer("original_inference_steps", 1, steps)  # LCM
+    number("timestep_scaling", 0.0)  # LCM
+    sigma_min, sigma_max = number("sigma_min", 0.0), number("sigma_max", 0.0)
+    if sigma_min is not None and sigma_max is not None and sigma_max <= sigma_min:
+        bad("sigma_max", f"a number above sigma_min ({sigma_min!r})")
+    betas = config.get("trained_betas")
+    if betas is not None:
+        if not isinstance(betas, list) or not betas:
+            bad("trained_betas", "a list of numbers")
+        for i, b in enumerate(betas):
+            if isinstance(b, bool) or not isinstance(b, int | float) or not (math.isfinite(b) and 0 < b < 1):
+                bad(f"trained_betas[{i}]", "a finite number above 0 and below 1", b)
+
+
+def model_class(name: str):
+    """The diffusers/transformers class of a component with weights."""
+    if name == "unet":
+        from diffusers import UNet2DConditionModel as cls
+    elif name == "vae":
+        from diffusers import AutoencoderKL as cls
+    elif name == "text_encoder":
+        from transformers import CLIPTextModel as cls
+    elif name == "text_encoder_2":
+        from transformers import CLIPTextModelWithProjection as cls
+    else:
+        raise ValueError(name)
+    return cls
+
+
+def empty_model(source: Source, name: str):
+    """Component `name` built from its config on torch's meta device (its modules and weight shapes, no memory, no
+    weights read), or None for a single file whose configs diffusers fetches from the hub (no --config)."""
+    import torch
+
+    loc = source.config_dir if source.kind == "single-file" else source.location
+    if loc is None:
+        return None
+    cls = model_class(name)
+    try:
+        if name.startswith("text_encoder"):
+            config = cls.config_class.from_pretrained(loc, subfolder=name)
+            with torch.device("meta"):
+                return cls(config)
+        config = cls.load_config(loc, subfolder=name)
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{loc}: cannot read the {name} config: {first}") from None
+
+
+def _provenance_mode(origin: dict):
+    """A torch function mode that maps id(tensor) -> the file key it was computed from (slices, transposes,
+    clones of it), so that a converted tensor of the wrong shape can be traced back to the file's key."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class Provenance(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.origin, self.keep = dict(origin), []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and id(out) not in self.origin:
+                for a in (*args, *(kwargs or {}).values()):
+                    if isinstance(a, torch.Tensor) and id(a) in self.origin:
+                        self.origin[id(out)] = self.origin[id(a)]
+                        self.keep.append(out)  # alive, so that its id is not reused
+                        break
+            return out
+
+    return Provenance()
+
+
+def check_single_file(source: Source) -> None:
+    """Every tensor of a single file has the shape its model expects, and none is missing: read from the file's
+    header alone (no weights loaded), before any work. The file's keys go through diffusers' own SGM -> diffusers
+    conversion as meta tensors, and are compared with the models the configs build on the meta device.
+    Single files without --config (configs from the hub) are checked when loaded, as before."""
+    if source.kind != "single-file" or source.config_dir is None:
+        return
+    import torch
+    from diffusers.loaders import single_file_utils as sfu
+    from safetensors import safe_open
+
+    path = source.location
+    with safe_open(path, framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    ckpt = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+    clip_prefix = "conditioner.embedders.0.model." if source.is_refiner else "conditioner.embedders.1.model."
+    for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+        if name not in source.components:
+            continue
+        model = empty_model(source, name)
+        try:
+            with _provenance_mode({id(t): k for k, t in ckpt.items()}) as mode:
+                if name == "unet":
+                    converted = sfu.convert_ldm_unet_checkpoint(ckpt, dict(model.config))
+                elif name == "vae":
+                    converted = sfu.convert_ldm_vae_checkpoint(ckpt, dict(model.config))
+                elif name == "text_encoder":
+                    converted = sfu.convert_ldm_clip_checkpoint(ckpt)
+                else:
+                    converted = sfu.convert_open_clip_checkpoint(model, ckpt, prefix=clip_prefix)
+        except Exception as e:  # what from_single_file would fail on, found early
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConvertError(f"{path}: cannot load as SDXL single file: {first}") from None
+        if name.startswith("text_encoder") and not hasattr(model, "text_model"):  # as diffusers loads it
+            converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+        expected = model.state_dict()
+        for key, tensor in converted.items():
+            if key not in expected or list(tensor.shape) == list(expected[key].shape):
+                continue
+            want, got = list(expected[key].shape), list(tensor.shape)
+            file_key = mode.origin.get(id(tensor))
+            if file_key is None:
+                raise ConvertError(f"{path}: {name} weight {key} has shape {got}, expected {want}")
+            if ckpt[file_key] is tensor:  # renamed only
+                raise ConvertError(f"{path}: key '{file_key}' has shape {shapes[file_key]}, expected {want} "
+                                   f"({name} {key})")  # fmt: skip
+            raise ConvertError(f"{path}: key '{file_key}' of shape {shapes[file_key]} gives {name} {key} the shape "
+                               f"{got}, expected {want}")  # fmt: skip
+        missing = [k for k, _ in model.named_parameters() if k not in converted]
+        if missing:
+            raise ConvertError(f"{path}: {name} weights are incomplete: {len(missing)} tensors missing from the "
+                               f"file (first: {missing[0]})")  # fmt: skip
+
+
 class Loader:
     """Loads one torch component at a time; single files are loaded once as a pipeline and handed out."""
 
@@ -143,16 +304,7 @@ class Loader:
         if self.source.kind == "single-file":
             return self._from_single_file(name)
         loc = self.source.location
-        if name == "unet":
-            from diffusers import UNet2DConditionModel as cls
-        elif name == "vae":
-            from diffusers import AutoencoderKL as cls
-        elif name == "text_encoder":
-            from transformers import CLIPTextModel as cls
-        elif name == "text_encoder_2":
-            from transformers import CLIPTextModelWithProjection as cls
-        else:
-            raise ValueError(name)
+        cls = model_class(name)
         try:
             model, info = cls.from_pretrained(loc, subfolder=name, dtype=self.dtype, output_loading_info=True)
         except (OSError, ValueError, RuntimeError) as e:

@@ -3,6 +3,8 @@ the code that builds and converts them, so a stale cache is never used)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import shutil
 from importlib.metadata import version
@@ -25,13 +27,23 @@ def cache_key() -> str:
     return h.hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def _building(out: Path):
+    """One builder at a time per cached folder, across test sessions (the others wait, then reuse it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.build-lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def source_dir(kind: str, seed: int = 0) -> Path:
     """The diffusers folder of a tiny model (built on first use)."""
     from convert.tiny import build_tiny_pipeline
 
     out = CACHE / cache_key() / f"{kind}-s{seed}-diffusers"
-    if not (out / "model_index.json").is_file():
-        build_tiny_pipeline(kind, out, seed=seed)
+    with _building(out):
+        if not (out / "model_index.json").is_file():
+            build_tiny_pipeline(kind, out, seed=seed)
     return out
 
 
@@ -42,8 +54,10 @@ def ov_dir(kind: str, weight_format: str = "fp32", seed: int = 0, timestep_dtype
 
     suffix = "" if timestep_dtype == "f32" else f"-{timestep_dtype}"
     out = CACHE / cache_key() / f"{kind}-s{seed}-ov-{weight_format}{suffix}"
-    if not (out / "model_index.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        convert_pipeline(str(source_dir(kind, seed)), out, weight_format=weight_format,
-                         timestep_dtype=timestep_dtype, log=lambda s: None, isolate=False)  # fmt: skip
+    src = source_dir(kind, seed)
+    with _building(out):
+        if not (out / "model_index.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            convert_pipeline(str(src), out, weight_format=weight_format, timestep_dtype=timestep_dtype,
+                             log=lambda s: None, isolate=False)  # fmt: skip
     return out
