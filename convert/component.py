@@ -86,8 +86,6 @@ def _child(argv: list[str]) -> int:
     try:
         with PeakRSS() as rss:
             if what == "trace":
-                from convert.pipeline import quiet_libraries
-
                 quiet_libraries()
             result = _task(what, args)
         result["peak_rss"] = rss.peak
@@ -120,3 +118,14 @@ def run(what: str, args: dict, isolate: bool, loader=None) -> dict:
 
 if __name__ == "__main__":
     sys.exit(_child(sys.argv[1:]))
+
+
+def quiet_libraries() -> None:
+    """Our progress lines are the log; silence the libraries' bars and notices."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()

@@ -113,7 +113,7 @@ def _convert(src, output: Path, weight_format, overwrite, log, isolate, loras, s
     from convert import component
     from convert.tokenizers import convert_tokenizer
 
-    quiet_libraries()
+    component.quiet_libraries()
     loader = Loader(src, torch.float16 if weight_format == "fp16" else torch.float32)
     if src.kind != "single-file" or src.config_dir is not None:  # the config is at hand: check it before any work
         _checked_scheduler(loader.scheduler_config(), scheduler, f"{src.config_dir or src.location}: scheduler config")
@@ -275,14 +275,3 @@ def _versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
-
-
-def quiet_libraries() -> None:
-    """Our progress lines are the log; silence the libraries' bars and notices."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()

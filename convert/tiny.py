@@ -107,7 +107,7 @@ def build_tiny_pipeline(kind: str, out_dir: Path, seed: int = 0, unet_overrides:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from convert.pipeline import quiet_libraries
+    from convert.component import quiet_libraries
 
     quiet_libraries()
     if kind not in UNETS:
