@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 logging.getLogger("diffusers").setLevel(logging.ERROR)  # "config attributes ... will be ignored" on swaps
 
-# The "scheduler" entries of /work/shared/configs/*.json (checked below when that folder is present).
+# The "scheduler" entries of shared/configs/*.json (checked below when shared/ is beside the checkout).
 # SDXL base 1.0, the refiner, SSD-1B and Segmind Vega all ship this Euler config.
 SDXL = {
     "_class_name": "EulerDiscreteScheduler",
@@ -66,7 +66,7 @@ MODEL_CONFIGS = {
     "lcm-sdxl": LCM,
     "lcm-ssd-1b": LCM,
 }
-SHARED_CONFIGS = Path("/work/shared/configs")
+SHARED_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"  # shared/ beside the checkout
 
 _DPM = {"algorithm_type": "dpmsolver++", "solver_order": 2}
 # our name -> (diffusers class, the from_config overrides the name stands for)
@@ -288,7 +288,7 @@ def check_states(
 
 def test_configs_match_shared_folder():
     if not SHARED_CONFIGS.is_dir():
-        pytest.skip("no /work/shared/configs here")
+        pytest.skip(f"no {SHARED_CONFIGS} (the shared/ folder beside the checkout) on this machine")
     for model, config in MODEL_CONFIGS.items():
         assert json.loads((SHARED_CONFIGS / f"{model}.json").read_text())["scheduler"] == config, model
 
