@@ -2,7 +2,7 @@
 PY ?= python
 DEMO := .cache/demo
 
-.PHONY: setup demo test lint fmt bench-convert
+.PHONY: setup demo test test-fast lint fmt bench-convert
 
 setup:  ## build-time + dev install (torch CPU build from this machine's disk), the CLIP vocabulary wheel
 	$(PY) -m pip install -q -e '.[convert,dev]'
@@ -14,6 +14,10 @@ demo: setup  ## tiny random-weight SDXL -> OpenVINO -> demo.png
 test: setup  ## lint + the whole suite (includes the torch-free runtime check)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+test-fast: setup  ## lint + the fast tier (one parity case, schedulers, RNG, parameter and CLI errors)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -11,3 +11,26 @@ def tiny():
         return models.source_dir(kind), models.ov_dir(kind, weight_format)
 
     return get
+
+
+# The fast tier, `pytest -m "not slow"` (under 2 minutes here with the tiny models built): one text2img parity
+# case, the schedulers, the RNG, the parameter checks and the CLI's bad-input handling. Everything not listed
+# here is marked slow; `make test` runs both tiers. A module maps to "*" (all its tests) or to test names.
+FAST: dict[str, str | set[str]] = {
+    "test_schedulers.py": "*",
+    "test_schedulers_api.py": "*",
+    "test_rng.py": "*",
+    "test_model_cache.py": "*",  # its multi-process race test marks itself slow
+    "test_text2img.py": {"test_text2img_parity[negative-given]"},
+    "test_generate_cli.py": {"test_bad_inputs"},
+    "test_pipeline_api.py": {"test_parameters_are_validated_once", "test_parameters_are_typed_and_frozen"},
+    "test_torch_free.py": {"test_imports_are_torch_free"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fast = FAST.get(item.path.name)
+        name, base = item.name, item.name.split("[")[0]
+        if not (fast == "*" or (isinstance(fast, set) and (name in fast or base in fast))):
+            item.add_marker(pytest.mark.slow)
