@@ -116,10 +116,6 @@ def run(what: str, args: dict, isolate: bool, loader=None) -> dict:
         return json.loads(out.read_text())
 
 
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))
-
-
 def quiet_libraries() -> None:
     """Our progress lines are the log; silence the libraries' bars and notices."""
     import diffusers
@@ -129,3 +125,7 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
