@@ -20,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -55,7 +56,10 @@ def run_child(arm: str, spec: dict, python: str) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARK):
-            return json.loads(line[len(MARK) :])
+            result = json.loads(line[len(MARK) :])
+            if "error" in result:  # the child's traceback, for the one who reads the log
+                sys.stderr.write(proc.stderr)
+            return result
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"error": f"exit {proc.returncode}: {tail}"}
 
@@ -181,7 +185,8 @@ def main(argv=None) -> int:
     if args.worker:  # a child: measure one pipeline once, print one marked JSON line
         try:
             result = worker(args.worker)(json.loads(args.spec))
-        except Exception as e:  # reported by the parent, in the table
+        except Exception as e:  # reported by the parent, in the table; the traceback goes to the child's stderr
+            traceback.print_exc()
             result = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
         print(MARK + json.dumps(result), flush=True)
         return 0
