@@ -8,6 +8,7 @@ runtime, exactly as a real checkpoint would go.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     png = args.out / "demo.png"
     cmd = [sys.executable, "-m", "runtime.generate", "--model", str(ov_dir), "--prompt", args.prompt,
            "--height", "512", "--width", "768", "--steps", "20", "--seed", "42", "--output", str(png)]  # fmt: skip
-    print("$", " ".join(cmd))
+    print("$", shlex.join(cmd))  # quoted: it can be pasted into a shell
     return subprocess.call(cmd)
 
 

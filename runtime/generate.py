@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,16 @@ from runtime.errors import RuntimeInputError
 from schedulers import SCHEDULER_HELP
 
 
+def _prog() -> str:
+    """The name the CLI was invoked by: a console script's (sdxl-ov-generate), else `python -m runtime.generate`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m runtime.generate" if not name or name.endswith(".py") or name == "-c" else name
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     p = argparse.ArgumentParser(
-        prog="python -m runtime.generate",
+        prog=_prog(),
         description="Generate images with an SDXL-family OpenVINO model folder. Defaults are diffusers'.",
         epilog="schedulers (--scheduler):\n" + SCHEDULER_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,7 +51,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="default 5.0; LCM: 8.0 with a w-embedding UNet (time_cond_proj_dim), else 1.0",
     )
     p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None, help="same noise as torch.Generator('cpu').manual_seed(SEED)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="same noise as torch.Generator('cpu').manual_seed(SEED); default: a random one, printed as `seed: N`",
+    )
+    p.add_argument(
+        "--seed-mode",
+        choices=["per-image", "batch"],
+        default="per-image",
+        help="per-image (default, A1111's): image i of --num-images uses seed SEED+i and equals the one-image run "
+        "with that seed; batch: diffusers' noise for the whole batch (a PNG then records its batch size and position)",
+    )
     p.add_argument("--scheduler", default=None, help="default: the folder's scheduler_config.json")
     p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
     p.add_argument("--clip-skip", type=int, default=None)
@@ -55,9 +76,35 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"${model_cache.ENV_MAX_GB} GiB (default {model_cache.DEFAULT_MAX_BYTES / 2**30:g}) by evicting the least "
         "recently used; list or clear it with `python -m runtime.model_cache list|clear`",
     )
-    p.add_argument("--output", type=Path, default=Path("image.png"), help=".png (one file per image) or .npy")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("image.png"),
+        help=".png (several images: NAME-0.png, NAME-1.png, ...) or .npy (default image.png); an existing file is "
+        "not replaced unless --overwrite",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
+    p.add_argument(
+        "--from-png",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="take every parameter from a PNG this tool wrote (its sdxl-openvino chunk), to make it again: "
+        "`--from-png x.png --output y.png`; flags given as well override the PNG's",
+    )
+    p.add_argument(
+        "--batch-pos",
+        type=int,
+        default=None,
+        help="--seed-mode batch: write only image BATCH_POS of the batch (what --from-png sets for a batch's image)",
+    )
     p.add_argument("--output-type", choices=["image", "latent"], default="image", help="latent: write latents .npy")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress and no list of written files (progress shows on a terminal only; a random seed is always "
+        "printed)",
+    )
     g = p.add_argument_group("image-to-image and the refiner")
     g.add_argument("--image", type=Path, default=None, help="input image: SDEdit image-to-image")
     g.add_argument("--strength", type=float, default=0.3, help="img2img strength in [0, 1] (default 0.3)")
@@ -81,7 +128,76 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="compile each model when its stage starts and release it when the stage is done",
     )
+    g.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=None,
+        help="refuse a size whose estimated memory exceeds this many GiB (default: $SDXL_OPENVINO_MAX_MEMORY_GB, "
+        "else the memory available; inf: no check)",
+    )
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from-png", type=Path, default=None)
+    source = pre.parse_known_args(argv)[0].from_png
+    if source is not None:
+        from runtime.image import read_png_parameters
+
+        try:
+            argv = png_flags(read_png_parameters(source)) + argv  # the flags given after win
+        except ValueError as e:
+            print(f"error: --from-png {source}: {e}", file=sys.stderr)
+            sys.exit(2)
     return p.parse_args(argv)
+
+
+# the JSON chunk's keys (diffusers' names) -> the CLI's flags: --from-png, and the errors the CLI prints
+FLAGS = {
+    "model": "--model", "refiner": "--refiner", "prompt": "--prompt", "prompt_2": "--prompt-2",
+    "negative_prompt": "--negative-prompt", "negative_prompt_2": "--negative-prompt-2", "height": "--height",
+    "width": "--width", "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale",
+    "guidance_rescale": "--guidance-rescale", "num_images_per_prompt": "--num-images", "seed": "--seed",
+    "seed_mode": "--seed-mode", "clip_skip": "--clip-skip", "scheduler": "--scheduler", "image": "--image",
+    "strength": "--strength", "high_noise_frac": "--high-noise-frac", "refiner_strength": "--refiner-strength",
+    "aesthetic_score": "--aesthetic-score", "negative_aesthetic_score": "--negative-aesthetic-score",
+    "device": "--device", "precision": "--precision", "batch_pos": "--batch-pos",
+}  # fmt: skip
+# what the CLI cannot set: a PNG that records another value cannot be made again from the command line
+_CLI_DEFAULTS = {
+    "original_size": None, "target_size": None, "negative_original_size": None, "negative_target_size": None,
+    "crops_coords_top_left": [0, 0], "negative_crops_coords_top_left": [0, 0], "denoising_start": None,
+    "denoising_end": None,
+}  # fmt: skip
+
+
+def png_flags(params: dict) -> list[str]:
+    """A PNG's recorded parameters (runtime.image.read_png_parameters) -> the command-line flags that make that
+    image again (`--from-png`); ValueError for what the command line cannot set."""
+    for key, default in _CLI_DEFAULTS.items():
+        value = params.get(key, default)
+        if (list(value) if isinstance(value, (list, tuple)) else value) != default:
+            raise ValueError(f"it records {key}={value!r}, which the command line cannot set (use the Python API)")
+    if not isinstance(params.get("prompt"), str):
+        raise ValueError("it was made from a list of prompts; the command line takes one (use the Python API)")
+    if params.get("image") == "<in-memory image>":
+        raise ValueError("its input image was not a file; pass it with --image")
+    skip = {"height", "width"} if params.get("image") is not None else {"strength"}
+    flags = []
+    for key, flag in FLAGS.items():
+        value = params.get(key)
+        if value is not None and key not in skip and not (key == "refiner_strength" and params.get("high_noise_frac")):
+            flags.append(f"{flag}={value}")  # one token each: values that start with "-" stay values
+    return flags  # batch seed mode: --num-images, --seed-mode batch and --batch-pos make the batch, keep its image
+
+
+_FLAG_NAMES = re.compile(r"(?<![\w-])(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")(?=[=\s,:)]|$)")
+
+
+def cli_message(message: str) -> str:
+    """An error of the library in the CLI's words: `num_inference_steps=0 ...` -> `--steps=0 ...`. Only names
+    that carry a value (`name=`) or an underscore (never prose) are replaced."""
+    return _FLAG_NAMES.sub(
+        lambda m: FLAGS[m.group(1)] if "_" in m.group(1) or message[m.end() : m.end() + 1] == "=" else m.group(1),
+        message,
+    )
 
 
 def _outputs(path: Path, n: int) -> list[Path]:
@@ -105,27 +221,79 @@ def _check_output(args) -> None:
         probe.unlink()
     except OSError as e:
         raise RuntimeInputError(f"--output {out}: folder {parent} is not writable ({e.strerror or e})") from None
+    n = 1 if args.batch_pos is not None else args.num_images
+    for path in _outputs(out, n):  # every numbered name, before any work
+        if path.is_dir():
+            raise RuntimeInputError(f"--output {path}: is a folder")
+        if os.path.lexists(path) and not args.overwrite:
+            raise RuntimeInputError(f"{path} exists; pass --overwrite to replace it")
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
 
 
 class Progress:
-    def __init__(self, quiet: bool):
-        self.quiet, self.t0 = quiet, time.perf_counter()
+    """Stages and denoising steps on one terminal line of stderr: elapsed time, ETA, and it/s counted over the
+    denoising steps only (set-up, compiles and the refiner's encode are left out). Off when disabled (--quiet,
+    or stderr not a terminal)."""
 
-    def __call__(self, done: int, total: int) -> None:
-        if self.quiet:
+    def __init__(self, enabled: bool, stream=None, clock=time.perf_counter):
+        self.enabled, self.stream, self.clock = enabled, stream or sys.stderr, clock
+        self.t0 = clock()
+        self.denoise_seconds = 0.0  # in the denoise stage, before the current stretch
+        self._denoise_since: float | None = None
+        self._open = False  # a line without its newline yet
+
+    def _write(self, text: str) -> None:
+        self.stream.write(f"\r\033[K{text}")
+        self.stream.flush()
+        self._open = True
+
+    def stage(self, name: str) -> None:
+        if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.t0
-        rate = done / elapsed if elapsed > 0 else 0.0
+        now = self.clock()
+        if self._denoise_since is not None:
+            self.denoise_seconds += now - self._denoise_since
+            self._denoise_since = None
+        if name == "denoise":
+            self._denoise_since = now
+        self._write(f"{name} ...  {_clock(now - self.t0)}")
+
+    def step(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = self.clock()
+        denoising = self.denoise_seconds + (now - self._denoise_since if self._denoise_since is not None else 0.0)
+        rate = done / denoising if denoising > 0 else 0.0
+        eta = _clock((total - done) / rate) if rate > 0 else "?"
         bar = "#" * int(30 * done / total)
-        end = "\n" if done == total else ""
-        sys.stderr.write(f"\r[{bar:<30s}] {done}/{total} steps  {rate:.2f} it/s{end}")
-        sys.stderr.flush()
+        self._write(f"denoise [{bar:<30s}] {done}/{total}  {_clock(now - self.t0)} elapsed, ETA {eta}  {rate:.2f} it/s")
+
+    def note(self, text: str) -> None:
+        """A line that stays (the random seed, a warning), written even when progress is off."""
+        if self.enabled and self._open:
+            self.stream.write("\r\033[K")
+            self._open = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._open:
+            self.stream.write(f"\r\033[Kdone in {_clock(self.clock() - self.t0)}\n")
+            self.stream.flush()
+            self._open = False
 
 
 def _run(gen, progress: Progress):
+    gen.on_stage = progress.stage
     for state in gen:
-        progress(state.index + 1, state.total)
-    return gen.result()
+        progress.step(state.index + 1, state.total)
+    result = gen.result()
+    progress.close()
+    return result
 
 
 def generate(args):
@@ -140,23 +308,49 @@ def generate(args):
         raise RuntimeInputError("--image with --refiner is not supported; run img2img on either folder")
     if args.image is not None and (args.height or args.width):
         raise RuntimeInputError("--height/--width do not apply with --image (its size is used)")
+    if args.batch_pos is not None and (args.seed_mode != "batch" or not 0 <= args.batch_pos < args.num_images):
+        raise RuntimeInputError("--batch-pos needs --seed-mode batch and a position below --num-images")
+    progress = Progress(not args.quiet and sys.stderr.isatty())
+    # the library's warnings (a prompt cut at 77 tokens): one line each, as `warning: ...`
+    warnings.showwarning = lambda message, *_, **__: progress.note(f"warning: {message}")
+    progress.stage("load")
+    try:
+        return _generate(args, progress, SDXLPipeline)
+    except RuntimeInputError as e:
+        raise RuntimeInputError(cli_message(str(e))) from None
+
+
+def _generate(args, progress: Progress, SDXLPipeline):
     pipe = SDXLPipeline(args.model, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                         low_memory=args.low_memory, refiner=args.refiner)  # fmt: skip
     kwargs = dict(prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
                   negative_prompt_2=args.negative_prompt_2, num_inference_steps=args.steps,
                   guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-                  num_images_per_prompt=args.num_images, seed=args.seed, clip_skip=args.clip_skip,
+                  num_images_per_prompt=args.num_images, seed=args.seed, seed_mode=args.seed_mode,
+                  clip_skip=args.clip_skip,
                   scheduler=args.scheduler, output_type="latent" if args.output_type == "latent" else "np",
                   height=args.height, width=args.width, aesthetic_score=args.aesthetic_score,
                   negative_aesthetic_score=args.negative_aesthetic_score, high_noise_frac=args.high_noise_frac,
                   refiner_strength=args.refiner_strength)  # fmt: skip
     if args.image is not None:
         kwargs |= dict(image=args.image, strength=args.strength)
-    return _run(pipe.generate(**kwargs), Progress(args.quiet)), pipe
+    gen = pipe.generate(**kwargs)
+    if args.seed is None:  # so that any output (.npy, latents) can be made again
+        progress.note(f"seed: {gen.params.seed}")
+    result = _run(gen, progress)
+    if args.batch_pos is not None:  # --from-png of a batch's image: the batch made again, its one image kept
+        i = args.batch_pos
+        result.latents, result.image_parameters = result.latents[i : i + 1], result.image_parameters[i : i + 1]
+        result.images = None if result.images is None else result.images[i : i + 1]
+    return result, pipe
 
 
 def main(argv=None) -> int:
+    from runtime.params import ENV_MAX_MEMORY_GB
+
     args = parse_args(argv)
+    if args.max_memory_gb is not None:  # read by the pipeline's memory check (runtime.params.memory_limit)
+        os.environ[ENV_MAX_MEMORY_GB] = str(args.max_memory_gb)
     try:
         from runtime.image import save_npy, save_png
 
@@ -165,8 +359,9 @@ def main(argv=None) -> int:
     except RuntimeInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    scheduler = result.parameters.get("scheduler") or pipe.info.scheduler_config.get("_class_name")
-    params = dict(result.parameters, model=str(args.model), scheduler=scheduler)
+    except KeyboardInterrupt:  # Ctrl-C: nothing was written (outputs go through a temporary name)
+        print("\ninterrupted" if sys.stderr.isatty() else "interrupted", file=sys.stderr)  # after a progress bar
+        return 130
     try:
         if args.output_type == "latent":
             save_npy(result.latents, args.output)
@@ -176,11 +371,14 @@ def main(argv=None) -> int:
             written = [args.output]
         else:
             written = _outputs(args.output, len(result.images))
-            for image, path in zip(result.images, written, strict=True):
-                save_png(image, path, params)
+            for image, path, params in zip(result.images, written, result.image_parameters, strict=True):
+                save_png(image, path, params)  # each image's own parameters: its seed, batch position
     except OSError as e:  # disk full, folder removed meanwhile: the temporary file is gone, nothing half-written
         print(f"error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the file being written is removed; those written before it stay whole
+        print("interrupted", file=sys.stderr)
+        return 130
     if not args.quiet:
         print("\n".join(str(p) for p in written))
     return 0

@@ -1,7 +1,9 @@
 """One generation: parameters checked up front, prompt conditioning set once, a loop that yields each step.
 
 Text-to-image when `image` is None, image-to-image (SDEdit, or the refiner's half of the base -> refiner
-hand-off with `denoising_start`) otherwise. `Refinement` chains a base generation and a refiner generation.
+hand-off with `denoising_start`) otherwise. `Refinement` chains a base generation and a refiner generation;
+`PerImage` runs a batch as single-image generations with seeds seed, seed + 1, ... (seed_mode="per-image").
+Each reports its stages ("encode", "compile", "denoise", "decode") to `on_stage(name)` when one is set.
 # ref: diffusers StableDiffusionXLPipeline.__call__, StableDiffusionXLImg2ImgPipeline.__call__ (v0.42)
 """
 
@@ -9,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +21,7 @@ import numpy as np
 from runtime import conditioning
 from runtime.denoise import UNetDenoiser
 from runtime.errors import RuntimeInputError
-from runtime.image import load_image
+from runtime.image import load_image, png_text, sampler_name, save_png
 from runtime.params import GenerationParams
 from runtime.rng import TorchGenerator
 from runtime.text import encode_prompt
@@ -27,19 +30,52 @@ from schedulers import StepState, create_scheduler
 if TYPE_CHECKING:
     from runtime.pipeline import SDXLPipeline
 
-__all__ = ["Generation", "GenerationResult", "Refinement", "StepState"]
+__all__ = ["Generation", "GenerationResult", "PerImage", "Refinement", "StepState"]
+
+StageCallback = Callable[[str], None]
 
 
 @dataclass
 class GenerationResult:
     latents: np.ndarray  # [N, 4, h, w] final latents (not divided by the VAE scaling factor)
     images: np.ndarray | None  # [N, H, W, 3] uint8, None for output_type="latent"
-    parameters: dict = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)  # the whole call's, with the real size, model and sampler
+    # image i's own parameters: what makes it again alone (its seed; batch_size/batch_pos in batch seed mode)
+    image_parameters: list[dict] = field(default_factory=list)
 
     def pil(self) -> list:
+        """PIL images carrying their parameters as PNG text (`image.info["parameters"]`, A1111's format, and
+        `image.info["sdxl-openvino"]`, JSON); `save(path, i)` or runtime.image.png_info writes them to a file."""
         from PIL import Image
 
-        return [Image.fromarray(im) for im in self.images]
+        images = [Image.fromarray(im) for im in self.images]
+        for im, params in zip(images, self.image_parameters, strict=False):
+            im.info.update(png_text(params))
+        return images
+
+    def save(self, path: str | Path, index: int = 0) -> None:
+        """Write image `index` as a PNG with its parameters (atomically, via a temporary name)."""
+        params = self.image_parameters[index] if index < len(self.image_parameters) else self.parameters
+        save_png(self.images[index], Path(path), params)
+
+
+def _recorded(pipe: SDXLPipeline, params: GenerationParams, latents: np.ndarray, refiner=None) -> GenerationResult:
+    """The parameters a result records: the call's (real size, model folders, A1111 sampler name, the input
+    image's path) and each image's (batch seed mode: batch_size and batch_pos)."""
+    f = pipe.info.vae_scale_factor
+    rec = params.public()
+    rec.update(height=int(latents.shape[2] * f), width=int(latents.shape[3] * f), model=str(pipe.dir))
+    rec["sampler"] = sampler_name(pipe.info.scheduler_config, params.scheduler)
+    if refiner is not None:
+        rec["refiner"] = str(refiner.dir)
+    if params.image is not None:
+        rec["image"] = str(params.image) if isinstance(params.image, (str, Path)) else "<in-memory image>"
+    else:
+        rec.pop("strength", None)  # text-to-image: no strength was used
+    rec.update(device=pipe.device, precision=pipe.precision)
+    n = len(latents)
+    images = [rec] if n == 1 else [dict(rec, batch_size=n, batch_pos=i) for i in range(n)]
+    return GenerationResult(latents, None, rec, images)
 
 
 class Generation:
@@ -72,6 +108,11 @@ class Generation:
                 raise RuntimeInputError(str(e)) from None
         self._latents: np.ndarray | None = None
         self._iter: Iterator | None = None
+        self.on_stage: StageCallback | None = None
+
+    def _stage(self, name: str) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name)
 
     @property
     def do_cfg(self) -> bool:
@@ -166,6 +207,7 @@ class Generation:
     # -- the loop ----------------------------------------------------------------------------------------
     def _steps(self) -> Iterator[StepState]:
         generator = TorchGenerator(self.params.seed)
+        self._stage("encode")
         latents = self._img2img_latents(generator) if self.img2img else self._text2img_latents(generator)
         f = self.info.vae_scale_factor
         inputs = self._conditioning(latents.shape[2] * f, latents.shape[3] * f)
@@ -174,11 +216,18 @@ class Generation:
         for enc in self.pipe.text_encoders:
             self.pipe.done_with(enc.encoder)
         p = self.params
+        self._stage("compile")
         self.denoiser = denoiser = UNetDenoiser(self.pipe.unet, inputs, latents.shape, p.guidance_scale,
                                                 p.guidance_rescale, self.do_cfg, self.pipe.unet_observers)  # fmt: skip
+        self._stage("denoise")
         try:
             for state in self.plan.sample(latents, denoiser, generator.randn):
                 latents = state.latents
+                if not np.isfinite(latents).all():  # checked each step: NaN never heals, stop at the first
+                    raise RuntimeInputError(
+                        f"the denoising produced non-finite latents (NaN/inf) at step {state.index + 1} of "
+                        f"{state.total} (NaN/inf in the model's weights or the inputs, or an overflow)"
+                    )
                 yield state
         finally:
             denoiser.close()
@@ -193,10 +242,11 @@ class Generation:
     def result(self) -> GenerationResult:
         for _ in self:  # run what is left of the loop
             pass
-        latents, params = self._latents, self.params.public()
-        if self.params.output_type == "latent":
-            return GenerationResult(latents, None, params)
-        return GenerationResult(latents, self.pipe.decode(latents), params)
+        result = _recorded(self.pipe, self.params, self._latents)
+        if self.params.output_type != "latent":
+            self._stage("decode")
+            result.images = self.pipe.decode(result.latents)
+        return result
 
 
 class Refinement:
@@ -227,6 +277,14 @@ class Refinement:
         self._iter: Iterator | None = None
 
     @property
+    def on_stage(self) -> StageCallback | None:
+        return self.base.on_stage
+
+    @on_stage.setter
+    def on_stage(self, callback: StageCallback | None) -> None:
+        self.base.on_stage = self.refiner.on_stage = callback
+
+    @property
     def total(self) -> int:
         return self.base.total + self.refiner.total
 
@@ -250,4 +308,79 @@ class Refinement:
         for _ in self:
             pass
         result = self.refiner.result()
-        return GenerationResult(result.latents, result.images, self.params.public())
+        recorded = _recorded(self._pipes[0], self.params, result.latents, refiner=self._pipes[1])
+        recorded.images = result.images
+        return recorded
+
+
+def _pick(value, j: int):
+    """Entry j of a per-prompt list parameter (a string or None applies to every prompt)."""
+    return value[j] if isinstance(value, (list, tuple)) else value
+
+
+class PerImage:
+    """seed_mode="per-image": the batch as single-image generations (each a Generation, or a Refinement with a
+    refiner), image i (prompt-major: prompt j's images are i = j*n .. j*n + n-1) with seed + i, so that each
+    equals the one-image call with its own seed, bit for bit. Steps are numbered as one run."""
+
+    def __init__(self, pipe: SDXLPipeline, params: GenerationParams):
+        if params.seed is None:
+            params = params.replace(seed=secrets.randbelow(2**63 - params.batch))
+        self.params, self.pipe = params, pipe
+        prompts = [params.prompt] if isinstance(params.prompt, str) else list(params.prompt)
+        n, batch = params.num_images_per_prompt, params.batch
+        image, latents = params.image, params.latents
+        per_image = isinstance(image, np.ndarray) and image.ndim == 4 and len(image) == batch and batch > 1
+        self.runs: list[Generation | Refinement] = []
+        for i in range(batch):
+            j = i // n
+            one = dataclasses.replace(
+                params, prompt=prompts[j], prompt_2=_pick(params.prompt_2, j),
+                negative_prompt=_pick(params.negative_prompt, j), negative_prompt_2=_pick(params.negative_prompt_2, j),
+                num_images_per_prompt=1, seed=params.seed + i,
+                latents=None if latents is None else np.asarray(latents)[i : i + 1],
+                image=image[i : i + 1] if per_image else image,
+            )  # fmt: skip
+            run = Refinement(pipe, pipe.refiner, one) if pipe.refiner is not None else Generation(pipe, one)
+            self.runs.append(run)
+        self._iter: Iterator | None = None
+
+    @property
+    def on_stage(self) -> StageCallback | None:
+        return self.runs[0].on_stage
+
+    @on_stage.setter
+    def on_stage(self, callback: StageCallback | None) -> None:
+        for run in self.runs:
+            run.on_stage = callback
+
+    @property
+    def total(self) -> int:
+        return sum(run.total for run in self.runs)
+
+    def _steps(self) -> Iterator[StepState]:
+        done, total = 0, self.total
+        for run in self.runs:
+            for state in run:
+                yield dataclasses.replace(state, index=state.index + done, total=total)
+            done += run.total
+
+    def __iter__(self) -> Iterator[StepState]:
+        if self._iter is None:
+            self._iter = self._steps()
+        return self._iter
+
+    def result(self) -> GenerationResult:
+        results = []
+        for run in self.runs:  # each finishes (and decodes) before the next starts
+            for _ in run:
+                pass
+            results.append(run.result())
+        latents = np.concatenate([r.latents for r in results])
+        refiner = self.pipe.refiner
+        recorded = _recorded(self.pipe, self.params, latents[:1], refiner=refiner)
+        recorded.latents = latents
+        recorded.image_parameters = [r.image_parameters[0] for r in results]
+        if self.params.output_type != "latent":
+            recorded.images = np.concatenate([r.images for r in results])
+        return recorded

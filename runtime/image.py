@@ -17,23 +17,100 @@ def to_uint8(decoded: np.ndarray) -> np.ndarray:
     return (x * np.float32(255)).round().astype(np.uint8)
 
 
+# our scheduler names (schedulers.SCHEDULER_NAMES) -> A1111's sampler names
+A1111_SAMPLERS = {
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "ddim": "DDIM",
+    "lcm": "LCM",
+}
+JSON_CHUNK = "sdxl-openvino"  # the PNG text chunk holding the parameters as JSON (what --from-png reads)
+
+
+def sampler_name(scheduler_config: dict, scheduler: str | None = None) -> str:
+    """A1111's name of the sampler a generation ran: `scheduler` (a short or diffusers class name) or, for None,
+    the folder's scheduler_config.json class, told apart by the config keys our short names imply."""
+    from schedulers.config import NAMES, effective_config, resolve_name
+
+    name = scheduler or scheduler_config.get("_class_name")
+    try:
+        class_name, overrides = resolve_name(name)
+    except ValueError:
+        return str(name)
+    cfg = effective_config(scheduler_config, class_name, overrides)
+    for short, (cls, implied, _) in NAMES.items():
+        if cls == class_name and all(cfg.get(k) == v for k, v in implied.items()):
+            return A1111_SAMPLERS[short]
+    return class_name
+
+
+def _num(x):
+    return f"{x:g}" if isinstance(x, float) else x
+
+
 def a1111_parameters(p: dict) -> str:
-    """The `parameters` text chunk A1111-style tools read."""
-    lines = [p.get("prompt", "")]
+    """The `parameters` text chunk A1111-style tools read (one image's parameters: GenerationResult's
+    image_parameters)."""
+    prompt = p.get("prompt", "")
+    lines = [prompt if isinstance(prompt, str) else " | ".join(prompt)]
     if p.get("negative_prompt"):
-        lines.append(f"Negative prompt: {p['negative_prompt']}")
+        neg = p["negative_prompt"]
+        lines.append(f"Negative prompt: {neg if isinstance(neg, str) else ' | '.join(neg)}")
+    size = f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else None
+    img2img = p.get("image") is not None
+    refiner = p.get("refiner")
     fields = [
         ("Steps", p.get("num_inference_steps")),
-        ("Sampler", p.get("scheduler")),
-        ("CFG scale", p.get("guidance_scale")),
+        ("Sampler", p.get("sampler") or p.get("scheduler")),
+        ("CFG scale", _num(p.get("guidance_scale"))),
         ("Seed", p.get("seed")),
-        ("Size", f"{p.get('width')}x{p.get('height')}"),
+        ("Size", size),
         ("Model", p.get("model")),
+        ("Denoising strength", _num(p.get("strength")) if img2img else None),
         ("Clip skip", p.get("clip_skip")),
-        ("CFG rescale", p.get("guidance_rescale") or None),
+        ("CFG rescale", _num(p["guidance_rescale"]) if p.get("guidance_rescale") else None),
+        ("Batch size", p.get("batch_size")),
+        ("Batch pos", p.get("batch_pos")),
+        ("Refiner", refiner),
+        ("Refiner switch at", _num(p.get("high_noise_frac")) if refiner else None),
+        ("Refiner strength", _num(p.get("refiner_strength")) if refiner else None),
     ]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
     return "\n".join(lines)
+
+
+def png_text(parameters: dict) -> dict[str, str]:
+    """The PNG text chunks of one image: A1111's `parameters` and the JSON chunk (what PIL's `image.info` holds)."""
+    return {"parameters": a1111_parameters(parameters), JSON_CHUNK: json.dumps(parameters)}
+
+
+def png_info(text: dict[str, str]) -> PngImagePlugin.PngInfo:
+    """PIL's save() does not write `image.info`: `img.save(path, pnginfo=png_info(img.info))` keeps the chunks."""
+    info = PngImagePlugin.PngInfo()
+    for k in ("parameters", JSON_CHUNK):
+        if k in text:
+            info.add_text(k, text[k])
+    return info
+
+
+def read_png_parameters(path: str | Path) -> dict:
+    """The parameters a PNG of ours records (its JSON chunk); ValueError when it has none."""
+    try:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if JSON_CHUNK not in text:
+        raise ValueError(f"{path}: no {JSON_CHUNK!r} text chunk (not written by sdxl-openvino)")
+    try:
+        params = json.loads(text[JSON_CHUNK])
+    except ValueError as e:
+        raise ValueError(f"{path}: unreadable {JSON_CHUNK!r} chunk ({e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: the {JSON_CHUNK!r} chunk is not a JSON object")
+    return params
 
 
 def _tmp_name(path: Path) -> Path:
@@ -42,10 +119,7 @@ def _tmp_name(path: Path) -> Path:
 
 def save_png(image: np.ndarray, path: Path, parameters: dict | None = None) -> None:
     """Write an [H, W, 3] uint8 image to `path` via a temporary name; parameters go into text chunks."""
-    info = PngImagePlugin.PngInfo()
-    if parameters:
-        info.add_text("parameters", a1111_parameters(parameters))
-        info.add_text("sdxl-openvino", json.dumps(parameters))
+    info = png_info(png_text(parameters)) if parameters else PngImagePlugin.PngInfo()
     tmp = _tmp_name(path)
     try:
         Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)

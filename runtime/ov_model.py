@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,6 +88,49 @@ class _DropPagesWhile:
         drop_mapped_pages(*self.paths)
 
 
+def ov_error_reason(e: BaseException) -> str:
+    """OpenVINO's message without its "Exception from file:line" and "Check '...' failed at" lines."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    kept = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
+    return " ".join(kept or lines[-1:]) or type(e).__name__
+
+
+def read_ir(core: ov.Core, xml: Path) -> ov.Model:
+    """core.read_model for an IR (.xml + .bin beside it), every failure as one RuntimeInputError naming the file.
+
+    The files are checked first (regular files: a FIFO would hang; the xml starts like an IR: OpenVINO would
+    otherwise try every frontend on it, some of which print parse errors to stderr)."""
+    xml = Path(xml)
+    weights = xml.with_suffix(".bin")
+    for path in (xml, weights):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise RuntimeInputError(f"{path.parent}: no {path.name} (submodel missing or incomplete)") from None
+        except OSError as e:
+            raise RuntimeInputError(f"{path}: unreadable ({e.strerror or e})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise RuntimeInputError(f"{path}: not a regular file")
+    if weights.stat().st_size == 0:
+        raise RuntimeInputError(f"{weights}: empty (the IR's weights are missing)")
+    try:
+        with open(xml, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise RuntimeInputError(f"{xml}: unreadable ({e.strerror or e})") from None
+    if b"<net" not in head:
+        raise RuntimeInputError(f"{xml}: not an OpenVINO IR (no <net> element at its start)")
+    try:
+        return core.read_model(xml)
+    except RuntimeError as e:
+        reason = ov_error_reason(e)
+        if "weights" in reason.lower():  # "Incorrect weights in bin file!": a constant lies past its end
+            raise RuntimeInputError(f"{weights}: does not hold the weights {xml.name} points to (truncated?)") from None
+        if reason.startswith("Unable to read the model"):  # OpenVINO's frontends all declined it
+            reason = "no OpenVINO frontend reads it"
+        raise RuntimeInputError(f"{xml}: not a readable OpenVINO IR ({reason})") from None
+
+
 DEFAULT_MAX_COMPILED = int(os.environ.get("SDXL_OPENVINO_MAX_COMPILED", "4"))
 
 
@@ -105,21 +149,33 @@ class OVModel:
         device: str = "CPU",
         config: dict | None = None,
         max_compiled: int = DEFAULT_MAX_COMPILED,
+        inputs: tuple[str, ...] = (),
+        outputs: tuple[str, ...] = (),
     ):
+        """inputs, outputs: names the IR must have for its role (the UNet's sample, timestep, ...): an IR of
+        another submodel in this folder is refused here, in one line, not at its first call."""
         self.core, self.xml, self.device, self.config = core, Path(xml), device, dict(config or {})
-        if not self.xml.is_file():
-            raise RuntimeInputError(f"{self.xml.parent}: no {self.xml.name} (submodel missing)")
         if max_compiled < 1:
             raise RuntimeInputError(f"max_compiled={max_compiled} must be at least 1")
         self.name = self.xml.parent.name
         self.max_compiled = max_compiled
-        model = core.read_model(self.xml)
+        model = read_ir(core, self.xml)  # a missing, cut or foreign file: one line naming it
+        for kind, ports, expected in (("inputs", model.inputs, inputs), ("outputs", model.outputs, outputs)):
+            have = {name for p in ports for name in p.get_names()}
+            missing = [n for n in expected if n not in have]
+            if missing:
+                found = sorted(p.get_any_name() for p in ports)
+                listed = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+                raise RuntimeInputError(
+                    f"{self.xml}: no {kind} {', '.join(missing)} (it has {listed or 'none'}): not the {self.name} IR"
+                )
         self.input_names = [p.get_any_name() for p in model.inputs]
         self.output_names = [p.get_any_name() for p in model.outputs]
         self.input_types = {p.get_any_name(): _NP_TYPES.get(p.get_element_type(), np.float32) for p in model.inputs}
         self.input_shapes = {p.get_any_name(): p.get_partial_shape() for p in model.inputs}
         self._model: ov.Model | None = model
         self._compiled: OrderedDict[tuple, ov.CompiledModel] = OrderedDict()
+        self._derived: dict[tuple, tuple[str, ...]] = {}  # (tag, shapes) -> the names compile_derived made
         self._idle: dict[tuple, list[ov.InferRequest]] = {}
         self._lock = threading.RLock()
         self._users = 0  # callers running on one of the compiled models: trim/release wait for none
@@ -137,16 +193,55 @@ class OVModel:
             if compiled is not None:
                 self._compiled.move_to_end(key)
                 return compiled
-            model = self._model if self._model is not None else self.core.read_model(self.xml)
+            model = self._model if self._model is not None else read_ir(self.core, self.xml)
             self._model = None  # reshape changes the model: read it again for the next shape set
-            if shapes:
-                model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
-            cache = self.config.get("CACHE_DIR", self.core.get_property("CACHE_DIR"))
-            with _DropPagesWhile(self.xml.with_suffix(".bin"), cache):  # the compiled model holds what it needs
-                compiled = model_cache.compile_model(self.core, model, self.device, self.config)
-                del model
+            try:
+                if shapes:
+                    model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+                cache = self.config.get("CACHE_DIR", self.core.get_property("CACHE_DIR"))
+                with _DropPagesWhile(self.xml.with_suffix(".bin"), cache):  # the compiled model holds what it needs
+                    compiled = model_cache.compile_model(self.core, model, self.device, self.config)
+                    del model
+            except RuntimeError as e:  # a weight file changed or cut since it was read, a shape the graph refuses
+                raise RuntimeInputError(f"{self.xml}: cannot compile on {self.device} ({ov_error_reason(e)})") from None
             self._compiled[key] = compiled
             while len(self._compiled) > self.max_compiled:
+                old, _ = self._compiled.popitem(last=False)
+                self._idle.pop(old, None)
+            return compiled
+
+    def compile_derived(
+        self, shapes: dict[str, tuple[int, ...]], tag: str, derive: Callable[[ov.Model], dict[str, ov.Model]]
+    ) -> dict[str, ov.CompiledModel]:
+        """Models derived from this IR by graph surgery (DeepCache's), compiled once per (tag, shapes) and cached
+        beside the plain ones (same LRU, trim and release). derive(model) gets the IR read once and reshaped to
+        these static shapes and returns the models to compile by name; they may share its nodes and weights."""
+        shape_key = self._key(shapes)
+        with self._lock:
+            names = self._derived.get((tag, shape_key), ())
+            keys = {name: (("~derived", tag, name), *shape_key) for name in names}
+            if names and all(k in self._compiled for k in keys.values()):
+                for k in keys.values():
+                    self._compiled.move_to_end(k)
+                return {name: self._compiled[k] for name, k in keys.items()}
+            model = self._model if self._model is not None else read_ir(self.core, self.xml)
+            self._model = None  # reshaped and changed: read it again for the next shape set
+            try:
+                if shapes:
+                    model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+                models = derive(model)
+                del model
+                cache = self.config.get("CACHE_DIR", self.core.get_property("CACHE_DIR"))
+                with _DropPagesWhile(self.xml.with_suffix(".bin"), cache):
+                    compiled = {n: model_cache.compile_model(self.core, m, self.device, self.config)
+                                for n, m in models.items()}  # fmt: skip
+                    del models
+            except RuntimeError as e:
+                raise RuntimeInputError(f"{self.xml}: cannot compile on {self.device} ({ov_error_reason(e)})") from None
+            self._derived[(tag, shape_key)] = tuple(compiled)
+            for name, c in compiled.items():
+                self._compiled[(("~derived", tag, name), *shape_key)] = c
+            while len(self._compiled) > max(self.max_compiled, len(compiled)):
                 old, _ = self._compiled.popitem(last=False)
                 self._idle.pop(old, None)
             return compiled

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,12 @@ OUTPUT_TYPES = ("np", "pil", "latent")
 MAX_CONFIG_BYTES = 1 << 20  # a diffusers config is a few KB: anything larger is not one
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 LCM_NAMES = ("lcm", "lcmscheduler")
+MAX_SIDE = 16384  # pixels: an absolute cap on height and width, before any memory estimate
+MAX_TRAIN_TIMESTEPS = 100_000  # SDXL's schedulers have 1000; the sigma tables are this long
+ENV_MAX_MEMORY_GB = "SDXL_OPENVINO_MAX_MEMORY_GB"
+# batch: diffusers' noise, one draw for the whole batch (image i needs the batch to be made again);
+# per-image: A1111's, image i of the batch is the single-image generation with seed + i
+SEED_MODES = ("batch", "per-image")
 
 
 # -- the model folder -------------------------------------------------------------------------------------------
@@ -63,6 +70,69 @@ def _finite(config: dict, key: str, default: float, path: Path, positive: bool =
     return np.float32(value)
 
 
+def _check_scheduler(config: dict, path: Path) -> None:
+    """The keys that size the scheduler's tables or can make its sigmas non-finite: one clear line each."""
+    n = config.get("num_train_timesteps", 1000)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TRAIN_TIMESTEPS:
+        raise RuntimeInputError(f"{path}: num_train_timesteps={n!r} must be an integer in 1..{MAX_TRAIN_TIMESTEPS}")
+    trained = config.get("trained_betas")
+    if trained is not None:
+        ok = isinstance(trained, list) and len(trained) == n
+        ok = ok and all(_is_real(b) and math.isfinite(b) and 0 <= b <= 1 for b in trained)
+        if not ok:
+            raise RuntimeInputError(f"{path}: trained_betas must be {n} numbers in [0, 1] (num_train_timesteps)")
+        return
+    start = _finite(config, "beta_start", 0.0001, path)
+    end = _finite(config, "beta_end", 0.02, path)
+    if not start < end < 1:
+        b0, b1 = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
+        raise RuntimeInputError(f"{path}: beta_end={b1!r} must be above beta_start={b0!r} and below 1")
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: /proc/meminfo's MemAvailable (else physical memory), lowered to
+    what a cgroup v2 limit leaves; None where none of these can be read."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def memory_limit(max_memory_gb: float | None = None) -> float | None:
+    """The memory a generation's estimate is checked against, in bytes: `max_memory_gb` (GiB) if given, else
+    $SDXL_OPENVINO_MAX_MEMORY_GB, else available_memory(). "inf" switches the check off; None: unknown."""
+    if max_memory_gb is None:
+        env = os.environ.get(ENV_MAX_MEMORY_GB, "").strip()
+        if env:
+            try:
+                max_memory_gb = float(env)
+            except ValueError:
+                raise RuntimeInputError(f"${ENV_MAX_MEMORY_GB}={env!r} must be a number of GiB (or inf)") from None
+    if max_memory_gb is not None:
+        if not _is_real(max_memory_gb) or math.isnan(max_memory_gb) or max_memory_gb <= 0:
+            raise RuntimeInputError(f"max_memory_gb={max_memory_gb!r} must be a positive number of GiB (or inf)")
+        return float(max_memory_gb) * 2**30
+    return available_memory()
+
+
 @dataclass(frozen=True, eq=False)
 class ModelInfo:
     """Everything the runtime needs to know about a converted folder, read from its files (never guessed)."""
@@ -90,12 +160,20 @@ class ModelInfo:
         if not d.is_dir():
             raise RuntimeInputError(f"{model_dir}: no such model folder")
         index = read_json(d / "model_index.json")
-        scheduler_config = read_json(d / "scheduler" / "scheduler_config.json")
+        scheduler_path = d / "scheduler" / "scheduler_config.json"
+        scheduler_config = read_json(scheduler_path)
+        _check_scheduler(scheduler_config, scheduler_path)
         unet_path, vae_path = d / "unet" / "config.json", d / "vae_decoder" / "config.json"
         unet_config, vae_config = read_json(unet_path), read_json(vae_path)
-        blocks = vae_config.get("block_out_channels", [0] * 4)
-        if not isinstance(blocks, list) or not 1 <= len(blocks) <= 8:
-            raise RuntimeInputError(f"{vae_path}: block_out_channels={blocks!r} must be a list of 1 to 8 numbers")
+        blocks = vae_config.get("block_out_channels", [128, 256, 512, 512])
+        if (
+            not isinstance(blocks, list)
+            or not 1 <= len(blocks) <= 8
+            or not all(_is_int(c) and 0 < c <= 1 << 16 for c in blocks)
+        ):
+            raise RuntimeInputError(
+                f"{vae_path}: block_out_channels={blocks!r} must be a list of 1 to 8 positive integers"
+            )
         vae_scale_factor = 2 ** (len(blocks) - 1)
         sample_size = _positive_int(unet_config, "sample_size", 128, unet_path, limit=1 << 12)
         in_channels = _positive_int(unet_config, "in_channels", 4, unet_path)
@@ -128,7 +206,7 @@ class ModelInfo:
             scheduler_config=scheduler_config,
             unet_config=unet_config,
             vae_config=vae_config,
-            is_refiner=not (index.get("text_encoder") or [None])[0],
+            is_refiner=not _first(index.get("text_encoder")),
             force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
             requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
             vae_scale_factor=vae_scale_factor,
@@ -140,6 +218,57 @@ class ModelInfo:
             latents_std=std,
             force_upcast=bool(vae_config.get("force_upcast", True)),
         )
+
+    def memory_estimate(self, height: int, width: int, batch: int = 1, cfg: bool = True) -> dict[str, int]:
+        """Bytes of the largest activations a generation of height x width holds at once, by stage (f32, 4 bytes
+        a value; the model weights are not counted). A rough floor to refuse sizes that cannot fit, not a promise
+        that the others do:
+
+        - latents: the UNet's input and output and the sampler's state, ~8 latent tensors of the UNet batch (2
+          rows per image under classifier-free guidance);
+        - vae_decoder: its largest feature map (one image per call: the runtime decodes images one at a time),
+          3 times: a resnet's input, its normalised copy and its output. Each up block doubles the resolution at
+          its end, so the full-resolution tensors have the channels of the last two decoder blocks: SDXL's VAE
+          (block_out_channels 128, 256, 512, 512) holds 256 x H x W values there, 1 GiB at 1024x1024;
+        - unet: the first level's feature maps (block_out_channels[0] channels at the latent size, 3 of them)
+          plus the query, key, value and output of the first level with attention. Not its tokens^2 scores:
+          OpenVINO's fused attention does not hold them (the tiny test model at 2048x2048 peaked at 0.93 GiB in
+          all, where one head's scores alone would be 1 GiB).
+        """
+        f = self.vae_scale_factor
+        h, w = max(height // f, 1), max(width // f, 1)
+        rows = (2 if cfg else 1) * batch
+        latents = 8 * rows * self.in_channels * h * w * 4
+        chans = list(reversed(self.vae_config.get("block_out_channels", [128, 256, 512, 512])))
+        largest = 0
+        for k, c in enumerate(chans):  # resolution h * 2^k: the output of block k-1's upsampler, then block k
+            largest = max(largest, max(c, chans[k - 1] if k else c) * (h << k) * (w << k))
+        vae = 3 * largest * 4
+        unet_blocks = self.unet_config.get("block_out_channels")
+        first = unet_blocks[0] if isinstance(unet_blocks, list) and unet_blocks and _is_int(unet_blocks[0]) else 320
+        unet = 3 * rows * first * h * w * 4
+        types = self.unet_config.get("down_block_types")
+        if isinstance(types, list):
+            level = next((i for i, t in enumerate(types) if isinstance(t, str) and "Attn" in t), None)
+            if level is not None:
+                ok = isinstance(unet_blocks, list) and level < len(unet_blocks) and _is_int(unet_blocks[level])
+                channels = unet_blocks[level] if ok else first
+                unet += 4 * rows * channels * max(h >> level, 1) * max(w >> level, 1) * 4
+        return {"latents": latents, "vae_decoder": vae, "unet": unet}
+
+    def check_memory(self, height: int, width: int, batch: int = 1, cfg: bool = True, limit: float | None = None):
+        """Refuse (RuntimeInputError) a size whose memory_estimate exceeds `limit` bytes (None: no check)."""
+        if limit is None or math.isinf(limit):
+            return
+        parts = self.memory_estimate(height, width, batch, cfg)
+        total = sum(parts.values())
+        if total > limit:
+            stage = max(parts, key=parts.get)
+            raise RuntimeInputError(
+                f"{width}x{height} x{batch} needs an estimated {_size(total)} ({stage}: {_size(parts[stage])}), "
+                f"more than the {_size(limit)} available; choose a "
+                f"smaller size, or raise the limit (max_memory_gb, --max-memory-gb or ${ENV_MAX_MEMORY_GB})"
+            )
 
     @property
     def is_lcm(self) -> bool:
@@ -168,6 +297,18 @@ def _is_int(x: Any) -> bool:
 
 def _is_real(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _first(entry: Any) -> Any:
+    """A model_index entry's library name (["transformers", "CLIPTextModel"] -> "transformers"; [null, null] and
+    anything else falsy -> None)."""
+    if isinstance(entry, list):
+        return entry[0] if entry else None
+    return entry or None
 
 
 def _prompt_list(value: Any, name: str, required: bool = False) -> None:
@@ -207,6 +348,7 @@ class GenerationParams:
     guidance_rescale: float = 0.0
     num_images_per_prompt: int = 1
     seed: int | None = None
+    seed_mode: str = "batch"  # SEED_MODES; per-image: image i (prompt-major) uses seed + i
     latents: np.ndarray | None = None
     clip_skip: int | None = None
     original_size: tuple[int, int] | None = None
@@ -260,6 +402,20 @@ class GenerationParams:
             v = getattr(self, k)
             if v is not None and (not _is_int(v) or v <= 0 or v % 8):
                 raise RuntimeInputError(f"{k}={v!r} must be a positive multiple of 8")
+            if v is not None and v > MAX_SIDE:
+                raise RuntimeInputError(f"{k}={v!r} is more than {MAX_SIDE} pixels")
+        if self.latents is not None:
+            try:
+                latents = np.asarray(self.latents, dtype=np.float32)
+            except (TypeError, ValueError):
+                kind = type(self.latents).__name__
+                raise RuntimeInputError(f"latents must be an array of numbers, got {kind}") from None
+            if latents.ndim != 4:
+                raise RuntimeInputError(f"latents have shape {list(latents.shape)}: expected [B, C, h, w]")
+            if not np.isfinite(latents).all():
+                raise RuntimeInputError("latents hold NaN or inf")
+        if isinstance(self.image, np.ndarray) and self.image.dtype.kind == "f" and not np.isfinite(self.image).all():
+            raise RuntimeInputError("image holds NaN or inf")
         for k in ("num_inference_steps", "num_images_per_prompt"):
             v = getattr(self, k)
             if v is not None and (not _is_int(v) or v < 1):
@@ -273,6 +429,10 @@ class GenerationParams:
             raise RuntimeInputError(f"guidance_rescale={self.guidance_rescale!r} must be in [0, 1]")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise RuntimeInputError(f"seed={self.seed!r} must be an integer in 0..2**64-1")
+        if self.seed_mode not in SEED_MODES:
+            raise RuntimeInputError(f"seed_mode={self.seed_mode!r}: choose one of {', '.join(SEED_MODES)}")
+        if self.seed is not None and self.seed_mode == "per-image" and self.seed + self.batch - 1 > MAX_SEED:
+            raise RuntimeInputError(f"seed={self.seed!r}: seed + {self.batch - 1} (the last image's) passes 2**64-1")
         if self.output_type not in OUTPUT_TYPES:
             raise RuntimeInputError(f"output_type={self.output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
         if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 0):

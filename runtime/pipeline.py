@@ -7,23 +7,27 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
 from runtime.errors import RuntimeInputError
-from runtime.generation import Generation, GenerationResult, Refinement, StepState
+from runtime.generation import Generation, GenerationResult, PerImage, Refinement, StageCallback, StepState
 from runtime.image import to_uint8
 from runtime.model_cache import default_cache_dir
 from runtime.ov_model import OVModel
-from runtime.params import GenerationParams, ModelInfo
+from runtime.params import GenerationParams, ModelInfo, memory_limit
 from runtime.text import TextEncoder
 from runtime.tokenizer import Tokenizer
 
 __all__ = ["SDXLPipeline", "Generation", "GenerationResult", "GenerationParams", "ModelInfo", "StepState"]
 
 PRECISIONS = ("f32", "bf16", "f16")
+# the names each submodel's IR must have: the runtime calls them by these names
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
 
 
 def _graph(xml: Path) -> str:
@@ -66,6 +70,7 @@ class SDXLPipeline:
         share_with: SDXLPipeline | None = None,
         low_memory: bool = False,
         refiner: str | Path | SDXLPipeline | None = None,
+        max_memory_gb: float | None = None,
     ):
         """cache_dir: OpenVINO's model cache ("default": runtime.model_cache.default_cache_dir(); None or "": off).
         share_with: another loaded pipeline (the base, for a refiner) whose text_encoder_2 and VAE are reused,
@@ -73,9 +78,14 @@ class SDXLPipeline:
         low_memory: compile each model when its stage starts and release it when the stage ends (text encoders,
         UNet, VAE); the text encoders and the VAE recompile from the model cache, the UNet from its IR.
         refiner: a refiner folder (loaded with these settings, sharing what it can) or a loaded refiner pipeline;
-        every call then runs the base -> refiner chain (high_noise_frac or refiner_strength)."""
+        every call then runs the base -> refiner chain (high_noise_frac or refiner_strength).
+        max_memory_gb: a generation whose estimated memory (ModelInfo.memory_estimate) exceeds this many GiB is
+        refused before any work; default $SDXL_OPENVINO_MAX_MEMORY_GB, else the memory available when it starts
+        (float("inf"): no check)."""
         if precision is not None and precision not in PRECISIONS:
             raise RuntimeInputError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)} (or omit)")
+        memory_limit(max_memory_gb)  # a bad value fails now, not at the first generation
+        self.max_memory_gb = max_memory_gb
         self.info = info = ModelInfo.load(model_dir)
         self.dir = info.dir
         self.core = core or ov.Core()
@@ -98,8 +108,12 @@ class SDXLPipeline:
         # weight page read) and then maps the blob: both at once, on top of the compiled model (SDXL fp16 UNet:
         # 14.0 GiB peak from the cache against 9.9 GiB from the IR, for 3 s of compile time).
         unet_cfg = {**cfg, "CACHE_DIR": ""} if low_memory else cfg
-        self.unet = OVModel(self.core, self.dir / "unet" / "openvino_model.xml", device, unet_cfg)
-        self.vae_decoder = OVModel(self.core, self.dir / "vae_decoder" / "openvino_model.xml", device, vae_cfg)
+        self.unet = OVModel(self.core, self.dir / "unet" / "openvino_model.xml", device, unet_cfg,
+                            inputs=UNET_INPUTS, outputs=("out_sample",))  # fmt: skip
+        self.vae_decoder = OVModel(self.core, self.dir / "vae_decoder" / "openvino_model.xml", device, vae_cfg,
+                                   inputs=("latent_sample",), outputs=("sample",))  # fmt: skip
+        self._vae_decoder_f32: OVModel | None = None  # a decode that overflowed in bf16/f16 is redone in f32
+        self._vae_lock = threading.Lock()
         self._vae_encoder_cfg = vae_cfg
         self._vae_encoder = None
         self.text_encoders = []
@@ -110,7 +124,7 @@ class SDXLPipeline:
                 tokenizer = Tokenizer(self.core, self.dir / tok / "openvino_tokenizer.xml")
             except FileNotFoundError:
                 raise RuntimeInputError(f"{self.dir}: no {tok}/openvino_tokenizer.xml (submodel missing)") from None
-            encoder = OVModel(self.core, self.dir / enc / "openvino_model.xml", device, cfg)
+            encoder = OVModel(self.core, self.dir / enc / "openvino_model.xml", device, cfg, inputs=("input_ids",))
             self.text_encoders.append(TextEncoder(tokenizer, encoder))
         self.unet_observers: list = []  # callables handed each UNet call's inputs (runtime.denoise.UNetDenoiser)
         self.shared: list[str] = []
@@ -163,7 +177,8 @@ class SDXLPipeline:
     def vae_encoder(self) -> OVModel:
         if self._vae_encoder is None:
             xml = self.dir / "vae_encoder" / "openvino_model.xml"
-            self._vae_encoder = OVModel(self.core, xml, self.device, self._vae_encoder_cfg)
+            self._vae_encoder = OVModel(self.core, xml, self.device, self._vae_encoder_cfg, inputs=("sample",),
+                                        outputs=("latent_parameters",))  # fmt: skip
         return self._vae_encoder
 
     # -- generating ---------------------------------------------------------------------------------------------
@@ -171,16 +186,38 @@ class SDXLPipeline:
         """Generate with diffusers' keyword names (GenerationParams); returns the finished result."""
         return self.generate(**kwargs).result()
 
-    def generate(self, **kwargs) -> Generation | Refinement:
+    def generate(self, on_stage: StageCallback | None = None, **kwargs) -> Generation | Refinement | PerImage:
         """Validate the parameters and return the generation; iterate it for per-step state, then `result()`.
-        With a refiner: the base -> refiner chain, its steps numbered as one run."""
+        With a refiner: the base -> refiner chain, its steps numbered as one run. seed_mode="per-image" with
+        more than one image: one single-image run per image (seeds seed, seed + 1, ...), numbered as one run.
+        on_stage(name): called as each stage starts ("encode", "compile", "denoise", "decode"); settable later
+        as the generation's `on_stage` attribute."""
         params = GenerationParams.create(**kwargs)
         if self.refiner is None and (params.high_noise_frac is not None or params.refiner_strength is not None):
             raise RuntimeInputError("high_noise_frac and refiner_strength need a refiner (SDXLPipeline(refiner=...))")
         params = self.with_presets(params)
-        if self.refiner is not None:
-            return Refinement(self, self.refiner, params)
-        return Generation(self, params)
+        if params.seed_mode == "per-image" and params.batch > 1:
+            gen = PerImage(self, params)
+        elif self.refiner is not None:
+            gen = Refinement(self, self.refiner, params)
+        else:
+            gen = Generation(self, params)
+        self.check_memory(gen)
+        gen.on_stage = on_stage
+        return gen
+
+    def check_memory(self, gen) -> None:
+        """Refuse a generation whose size does not fit in memory (ModelInfo.check_memory), before any work:
+        the first single-image run of a per-image batch, the base's half of a refinement."""
+        while not isinstance(gen, Generation):  # PerImage (runs), Refinement (base)
+            gen = gen.runs[0] if hasattr(gen, "runs") else gen.base
+        info, p, image = gen.info, gen.params, gen._image
+        if image is not None:  # image-to-image: the image's size (pixels, or latents)
+            f = info.vae_scale_factor if image.shape[1] == info.in_channels else 1
+            height, width = image.shape[-2] * f, image.shape[-1] * f
+        else:
+            height, width = p.height or info.default_size, p.width or info.default_size
+        info.check_memory(height, width, gen.batch, gen.do_cfg, memory_limit(self.max_memory_gb))
 
     def generation(self, params: GenerationParams, handoff: bool = False) -> Generation:
         """A generation of this folder from checked parameters (the folder's presets applied)."""
@@ -205,17 +242,60 @@ class SDXLPipeline:
         return (info.scaling_factor * latents).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """[N, 4, h, w] latents -> [N, H, W, 3] uint8, one image per VAE call (lower peak memory, same numbers)."""
+        """[N, 4, h, w] latents -> [N, H, W, 3] uint8, one image per VAE call (lower peak memory, same numbers).
+
+        NaN or inf never becomes a black image: a decode that gives them in bf16/f16 is done again in f32 (as
+        diffusers' force_upcast does; with a RuntimeWarning, and in f32 for this pipeline's later decodes), one
+        that gives them in f32 is a RuntimeInputError."""
         info = self.info
+        if not np.isfinite(latents).all():
+            raise RuntimeInputError("the latents to decode hold NaN or inf")
         if info.latents_mean is not None:
             scaled = latents * info.latents_std / info.scaling_factor + info.latents_mean
         else:
             scaled = latents / info.scaling_factor
-        images = [
-            to_uint8(self.vae_decoder({"latent_sample": scaled[i : i + 1]})["sample"]) for i in range(len(scaled))
-        ]
+        images = [to_uint8(self._decode_one(scaled[i : i + 1])) for i in range(len(scaled))]
         self.done_with(self.vae_decoder)
+        if self._vae_decoder_f32 is not None:
+            self.done_with(self._vae_decoder_f32)
         return np.concatenate(images)
+
+    def _vae_precision(self) -> str:
+        """The precision the VAE decoder runs in: its compile hint, else the device's default ("" if unknown)."""
+        hint = self.vae_decoder.config.get("INFERENCE_PRECISION_HINT")
+        if hint:
+            return str(hint)
+        try:
+            return self.core.get_property(self.device, "INFERENCE_PRECISION_HINT").get_type_name()
+        except (RuntimeError, TypeError, AttributeError):
+            return ""
+
+    def _decode_one(self, scaled: np.ndarray) -> np.ndarray:
+        """One image's VAE decode, never NaN/inf: see decode()."""
+        f32 = self._vae_decoder_f32
+        sample = (f32 or self.vae_decoder)({"latent_sample": scaled})["sample"]
+        if np.isfinite(sample).all():
+            return sample
+        precision = "f32" if f32 is not None else self._vae_precision()
+        if precision != "f32":  # diffusers' force_upcast: SDXL's VAE overflows in f16
+            warnings.warn(
+                f"the VAE decoder gave NaN/inf in {precision or 'the device precision'}: decoding in f32 from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            with self._vae_lock:
+                if self._vae_decoder_f32 is None:
+                    config = {**self.vae_decoder.config, "INFERENCE_PRECISION_HINT": "f32"}
+                    self._vae_decoder_f32 = OVModel(self.core, self.vae_decoder.xml, self.device, config,
+                                                    inputs=("latent_sample",), outputs=("sample",))  # fmt: skip
+            sample = self._vae_decoder_f32({"latent_sample": scaled})["sample"]
+            if np.isfinite(sample).all():
+                return sample
+        scale = float(self.info.scaling_factor)
+        raise RuntimeInputError(
+            f"{self.vae_decoder.xml}: the VAE decoder produced NaN/inf in f32 from finite latents (NaN/inf "
+            f"weights, or latents out of its range: scaling_factor {scale:g})"
+        )
 
     def done_with(self, model: OVModel) -> None:
         """A model's stage has ended: release it (low memory) or free its activation buffers."""

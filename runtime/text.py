@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,9 +41,14 @@ class TextEncoder:
         # The pooled output diffusers uses is the projected one of CLIPTextModelWithProjection.
         self.has_pooled = "text_embeds" in encoder.output_names
 
-    def __call__(self, texts: list[str], skips: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Encode texts; row i takes hidden_states[-(skips[i] + 2)] (SDXL indexes from the penultimate layer)."""
+    def __call__(
+        self, texts: list[str], skips: list[int], dropped: list | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Encode texts; row i takes hidden_states[-(skips[i] + 2)] (SDXL indexes from the penultimate layer).
+        dropped: gets (row, the text cut off at 77 tokens) per truncated text (Tokenizer.truncated)."""
         ids = self.tokenizer(texts)  # [N, 77] int64
+        if dropped is not None:
+            dropped += self.tokenizer.truncated(texts, ids)
         out = self.encoder({"input_ids": ids})
         rows = []
         for i, skip in enumerate(skips):
@@ -51,6 +57,16 @@ class TextEncoder:
                 raise ValueError(f"clip_skip={skip} is more than the text encoder's {self.n_hidden - 2} layers")
             rows.append(out[f"hidden_states.{layer}"][i])
         return np.stack(rows), (out["text_embeds"] if self.has_pooled else None)
+
+
+def warn_truncated(text: str, max_length: int = 77) -> None:
+    """diffusers' warning for a prompt cut at the tokenizer's limit, through `warnings` (shown once per text)."""
+    warnings.warn(
+        f"The following part of your input was truncated because CLIP can only handle sequences up to "
+        f"{max_length} tokens: {[text]}",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def encode_prompt(
@@ -78,13 +94,19 @@ def encode_prompt(
         negatives_2 = _as_list(negative_prompt_2, batch, "negative_prompt_2")
 
     hidden, neg_hidden, pooled, neg_pooled = [], [], None, None
+    warned: set[str] = set()
     for k, (enc, texts) in enumerate(zip(encoders, (prompts, prompts_2), strict=False)):
         skip = 0 if clip_skip is None else clip_skip
         all_texts, skips = list(texts), [skip] * batch
         if encode_negative:  # one batched call; negatives always use the penultimate layer in diffusers
             all_texts += negatives if k == 0 else negatives_2
             skips += [0] * batch
-        states, pooled_out = enc(all_texts, skips)
+        dropped: list[tuple[int, str]] = []
+        states, pooled_out = enc(all_texts, skips, dropped)
+        for row, text in dropped:
+            if all_texts[row] not in warned:  # once per prompt (both tokenizers cut a prompt they share)
+                warned.add(all_texts[row])
+                warn_truncated(text, enc.tokenizer.max_length)
         hidden.append(states[:batch])
         if encode_negative:
             neg_hidden.append(states[batch:])

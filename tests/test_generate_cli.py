@@ -79,8 +79,8 @@ def test_bad_inputs(tiny, tmp_path):
     cases = [
         (["--model", partial, *SMALL], "unet"),
         (["--model", base, *SMALL, "--height", "100"], "height=100 must be a positive multiple of 8"),
-        (["--model", base, *SMALL, "--steps", "0"], "num_inference_steps=0"),
-        (["--model", base, *SMALL, "--guidance-scale", "-1"], "guidance_scale=-1.0 must not be negative"),
+        (["--model", base, *SMALL, "--steps", "0"], "--steps=0 must be an integer of at least 1"),
+        (["--model", base, *SMALL, "--guidance-scale", "-1"], "--guidance-scale=-1.0 must not be negative"),
         (["--model", base, *SMALL, "--scheduler", "heun_karras"], "heun_karras"),
         (["--model", refiner, *SMALL], "is a refiner: it cannot do text-to-image without an image"),
         (["--model", base, "--refiner", base, *SMALL], "not a refiner folder"),
