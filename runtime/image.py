@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from runtime.leftovers import cleanup_stale
+
 
 def to_uint8(decoded: np.ndarray) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, rounded as diffusers rounds.
@@ -114,6 +116,8 @@ def read_png_parameters(path: str | Path) -> dict:
 
 
 def _tmp_name(path: Path) -> Path:
+    """The temporary name a write goes to before its rename; what a killed writer left there is removed first."""
+    cleanup_stale(path.parent, path.name)
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 

@@ -388,3 +388,17 @@ def test_vae_overflow_retried_in_f32(tiny):
         images = pipe.decode(latents)
     np.testing.assert_array_equal(images, ref.decode(latents))
     assert pipe._vae_decoder_f32 is not None  # later decodes go to f32 directly
+
+
+def test_a_killed_writers_partial_file_is_removed_by_the_next_write(tmp_path):
+    """A kill while a PNG was written leaves `.x.png.partial-PID`; the next write of x.png removes it (live
+    writers' files are kept: tests/test_convert_safety.py checks runtime.leftovers itself)."""
+    from runtime.image import save_png
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    dead = f".x.png.partial-{child.pid}"
+    (tmp_path / dead).write_bytes(b"half a png")
+    (tmp_path / ".y.png.partial-1").write_bytes(b"")  # another name: not ours to touch
+    save_png(np.zeros((8, 8, 3), np.uint8), tmp_path / "x.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".y.png.partial-1", "x.png"]
