@@ -83,6 +83,8 @@ def main(argv=None) -> int:
                    help="i64: folders openvino.genai and optimum-intel load (benchmarks.run's anchors)")  # fmt: skip
     p.add_argument("--work", type=Path, default=HERE / "out", help="where the random-weight models go")
     p.add_argument("--keep", action="store_true", help="keep the built and converted folders")
+    p.add_argument("--tiny-vae", action="store_true",
+                   help="also convert a random-weight AutoencoderTiny of TAESDXL's config (--tiny-vae)")  # fmt: skip
     args = p.parse_args(argv)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
@@ -97,6 +99,13 @@ def main(argv=None) -> int:
         shutil.rmtree(ov_dir, ignore_errors=True)
         cmd = [sys.executable, "-m", "convert", str(src), str(ov_dir), "--weight-format", args.weight_format,
                "--timestep-dtype", args.timestep_dtype]  # fmt: skip
+        if args.tiny_vae:
+            tiny = args.work / "taesdxl-random"
+            if not (tiny / "config.json").is_file():
+                subprocess.check_call([sys.executable, "-c", "from convert.tiny import build_tiny_autoencoder; "
+                                       f"from pathlib import Path; build_tiny_autoencoder(Path({str(tiny)!r}), "
+                                       "config={})"])  # fmt: skip
+            cmd += ["--tiny-vae", str(tiny)]
         seconds, peak, code = run_measured(cmd)
         if code != 0:
             print(f"{name}: conversion failed with exit code {code}")

@@ -30,6 +30,7 @@ examples:
   python -m convert ./sd_xl_base_1.0.safetensors ./sdxl-base-ov --config ./sdxl-base-diffusers-configs
   python -m convert stabilityai/stable-diffusion-xl-base-1.0 ./sdxl-base-ov --weight-format int8
   python -m convert ./segmind-vega ./vega-int8 --quantize-unet int8 --calibration-size 128
+  python -m convert ./stable-diffusion-xl-base-1.0 ./sdxl-base-ov --tiny-vae madebyollin/taesdxl
 """
 
 
@@ -54,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timestep-dtype", choices=["f32", "i64"], default="f32",
                    help="the UNet's timestep input: f32 keeps fractional (Karras) timesteps exact; i64 is what "
                    "optimum-intel exports and openvino.genai feeds, for folders other pipelines load")  # fmt: skip
+    p.add_argument("--tiny-vae", metavar="SRC", default=None,
+                   help="also convert a tiny autoencoder (diffusers AutoencoderTiny folder or hub id; "
+                   "madebyollin/taesdxl for the SDXL family) into vae_decoder_tiny/ and vae_encoder_tiny/, for "
+                   "`--vae-decoder tiny` and `--preview tiny` at generation")  # fmt: skip
     q = p.add_argument_group("UNet quantization")
     q.add_argument("--quantize-unet", choices=["int8", "hybrid"], default=None)
     q.add_argument("--calibration-prompts", metavar="FILE", default=None,
@@ -127,6 +132,7 @@ def main(argv=None) -> int:
             scheduler=args.scheduler,
             timestep_dtype=args.timestep_dtype,
             inputs=[("the calibration prompts", args.calibration_prompts)],
+            tiny_vae=args.tiny_vae,
             log=print,
         )
     except ConvertError as e:

@@ -31,7 +31,7 @@ class Result:
 
     def line(self) -> str:
         return (
-            f"{self.name:15s} {self.params / 1e6:9.2f} M params  {self.seconds:7.1f} s  {self.bytes / 2**20:9.1f} MiB"
+            f"{self.name:16s} {self.params / 1e6:9.2f} M params  {self.seconds:7.1f} s  {self.bytes / 2**20:9.1f} MiB"
             f"  max|diff| {self.max_abs_diff:.2e} (max|ref| {self.ref_max_abs:.2e}, tolerance {self.tolerance:.2e}"
             f", {self.check_precision})  peak RSS {self.peak_rss / 2**30:.2f} GiB"
         )
@@ -78,19 +78,25 @@ def convert_pipeline(
     quantize_unet: str | None = None,
     calibration=None,
     inputs: list[tuple[str, str]] = (),
+    tiny_vae: str | None = None,
 ) -> Path:
     """isolate: each component's tracing and each IR's check run in a child process (the peak memory of the
     conversion is then that of its largest step); tests of tiny models turn it off for speed.
     quantize_unet: "int8" or "hybrid" (convert.quantize), calibrated as `calibration` (a quantize.Calibration)
     says; the UNet is then traced in fp16 (fp32 with weight_format fp32), weight_format applies to the rest.
     inputs: (what, path) of other files read (e.g. the calibration prompts), refused inside OUTPUT like the source.
+    tiny_vae: a diffusers AutoencoderTiny folder or hub id (TAESDXL: madebyollin/taesdxl) converted beside the VAE
+    as vae_encoder_tiny/ and vae_decoder_tiny/, with the same check against torch.
 
     Nothing the user has is destroyed: the source, --config, LoRAs and inputs are refused inside OUTPUT (and OUTPUT
     inside them); OUTPUT is locked for the whole conversion; the folder is written beside it and moved into place
     only if OUTPUT is still what was checked (convert.safety); the leftovers of killed conversions are cleaned."""
     output = Path(output)
-    safety.check_paths(source, output, config, [("the LoRA", str(f)) for f, _ in loras or []] + list(inputs))
+    others = [("the LoRA", str(f)) for f, _ in loras or []] + list(inputs) + [("the --tiny-vae folder", tiny_vae)]
+    safety.check_paths(source, output, config, others)
     src = resolve(source, config)  # bad input fails here, before the heavy imports
+    if tiny_vae is not None:
+        _check_tiny_vae(tiny_vae, src)
     lock = safety.OutputLock(output)  # a second conversion to OUTPUT fails here, before any work
     try:
         for line in cleanup_stale(safety.beside(output), output.name):  # what killed conversions left
@@ -98,13 +104,33 @@ def convert_pipeline(
         if os.path.lexists(output) and not overwrite:
             raise ConvertError(f"{output} exists; pass --overwrite to replace it")
         return _convert(src, output, weight_format, overwrite, log, isolate, loras, scheduler, timestep_dtype,
-                        quantize_unet, calibration)  # fmt: skip
+                        quantize_unet, calibration, tiny_vae)  # fmt: skip
     finally:
         lock.release()
 
 
+def _check_tiny_vae(location: str, src) -> None:
+    """--tiny-vae is an AutoencoderTiny in the pipeline VAE's latent space (a local source's config is at hand:
+    checked now; otherwise when the tiny VAE is traced, against the converted VAE's config)."""
+    from convert.component import read_tiny_vae_config, tiny_vae_factor
+
+    tiny = read_tiny_vae_config(location)
+    vae_config = Path(src.location) / "vae" / "config.json"
+    if src.kind != "folder" or not vae_config.is_file():
+        return
+    try:
+        vae = json.loads(vae_config.read_text())
+    except (OSError, ValueError):
+        return  # the VAE's own conversion reports it
+    channels, want = tiny.get("latent_channels", 4), vae.get("latent_channels", 4)
+    factor, want_factor = tiny_vae_factor(tiny), 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    if channels != want or factor != want_factor:
+        raise ConvertError(f"--tiny-vae {location}: {channels} latent channels at 1/{factor} scale, {src.location}'s "
+                           f"VAE has {want} at 1/{want_factor}: not its latent space")  # fmt: skip
+
+
 def _convert(src, output: Path, weight_format, overwrite, log, isolate, loras, scheduler, timestep_dtype,
-             quantize_unet, calibration) -> Path:  # fmt: skip
+             quantize_unet, calibration, tiny_vae=None) -> Path:  # fmt: skip
     """convert_pipeline under the OUTPUT lock: the checks that need the libraries, then the work."""
     from dataclasses import asdict
 
@@ -144,7 +170,7 @@ def _convert(src, output: Path, weight_format, overwrite, log, isolate, loras, s
                 t0 = time.perf_counter()
                 convert_tokenizer(loader.tokenizer_dir(name), tmp / name)
                 size = sum(f.stat().st_size for f in (tmp / name).iterdir())
-                log(f"{name:15s} {'':9s}           {time.perf_counter() - t0:7.1f} s  {size / 2**20:9.1f} MiB")
+                log(f"{name:16s} {'':9s}           {time.perf_counter() - t0:7.1f} s  {size / 2**20:9.1f} MiB")
         pooled_dim = None
         for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
             if name not in src.components:
@@ -157,16 +183,11 @@ def _convert(src, output: Path, weight_format, overwrite, log, isolate, loras, s
                     "timestep_dtype": timestep_dtype}  # fmt: skip
             traced = component.run("trace", args, isolate, loader if src.kind == "single-file" else None)
             pooled_dim = traced.pop("pooled_dim", pooled_dim)
-            trace_rss = traced.pop("peak_rss")
-            for ir, facts in traced.items():
-                args = {"name": ir, "out_dir": str(tmp / ir), "weight_format": fmt, "params": facts["params"]}
-                checked = component.run("check", args, isolate)
-                r = Result(ir, facts["params"], facts["seconds"] + checked["check_seconds"], checked["bytes"],
-                           checked["max_abs_diff"], checked["ref_max_abs"], checked["tolerance"],
-                           max(trace_rss, checked["peak_rss"]), checked["check_precision"])  # fmt: skip
-                results[ir] = r
-                log(r.line())
+            results |= _checked(traced, tmp, fmt, isolate, log)
             gc.collect()
+        if tiny_vae is not None:  # beside the VAE, whose written config.json it is checked against
+            args = {"location": tiny_vae, "tmp": str(tmp), "weight_format": weight_format}
+            results |= _checked(component.run("trace_tiny_vae", args, isolate), tmp, weight_format, isolate, log)
 
         (tmp / "scheduler").mkdir()
         # untouched, unless another scheduler is asked for; a single file's config is only known once loaded
@@ -182,6 +203,7 @@ def _convert(src, output: Path, weight_format, overwrite, log, isolate, loras, s
             "timestep_dtype": timestep_dtype,
             "source": src.location,
             "loras": [[str(f), float(sc)] for f, sc in loras or []],
+            "tiny_vae": tiny_vae,
             "versions": _versions(),
             "submodels": {ir: asdict(r) for ir, r in results.items()},
             "unet_quantization": quantization,
@@ -192,6 +214,23 @@ def _convert(src, output: Path, weight_format, overwrite, log, isolate, loras, s
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"done in {time.perf_counter() - t_start:.1f} s: {output}")
     return output
+
+
+def _checked(traced: dict, tmp: Path, fmt: str, isolate: bool, log) -> dict[str, Result]:
+    """Each traced IR read back and compared with torch (convert.check): its Result, logged."""
+    from convert import component
+
+    trace_rss = traced.pop("peak_rss")
+    results = {}
+    for ir, facts in traced.items():
+        args = {"name": ir, "out_dir": str(tmp / ir), "weight_format": fmt, "params": facts["params"]}
+        checked = component.run("check", args, isolate)
+        r = Result(ir, facts["params"], facts["seconds"] + checked["check_seconds"], checked["bytes"],
+                   checked["max_abs_diff"], checked["ref_max_abs"], checked["tolerance"],
+                   max(trace_rss, checked["peak_rss"]), checked["check_precision"])  # fmt: skip
+        results[ir] = r
+        log(r.line())
+    return results
 
 
 def _checked_scheduler(config: dict, scheduler: str | None, where: str) -> dict:

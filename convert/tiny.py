@@ -79,6 +79,13 @@ MID = {
     "vae": dict(VAE, block_out_channels=[16, 32, 64, 64], norm_num_groups=16, layers_per_block=1, sample_size=512),
 }  # fmt: skip
 
+# A tiny stand-in for TAESDXL (diffusers AutoencoderTiny; madebyollin/taesdxl is the default config: 64 channels
+# in every block, blocks (1, 3, 3, 3) / (3, 3, 3, 1)): 16 channels, fewer blocks, an 8x VAE on 4 latent channels.
+TINY_AUTOENCODER = dict(
+    encoder_block_out_channels=[16] * 4, decoder_block_out_channels=[16] * 4, num_encoder_blocks=[1, 2, 2, 2],
+    num_decoder_blocks=[2, 2, 2, 1], latent_channels=4,
+)  # fmt: skip
+
 # SDXL's scheduler config as released (EulerDiscreteScheduler, leading spacing, steps_offset 1).
 EULER = dict(
     _class_name="EulerDiscreteScheduler", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -151,6 +158,25 @@ def build_tiny_pipeline(kind: str, out_dir: Path, seed: int = 0, unet_overrides:
         index = json.loads((tmp / "model_index.json").read_text())
         index["_tiny_random_weights"] = f"sdxl-openvino tiny {kind} model, seed {seed}: random weights, not trained"
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def build_tiny_autoencoder(out_dir: Path, seed: int = 0, config: dict | None = None) -> Path:
+    """A random-weight diffusers AutoencoderTiny (TINY_AUTOENCODER, or `config`) saved as a diffusers folder: what
+    `python -m convert ... --tiny-vae` reads (the tests' and benchmarks' TAESDXL, no weights downloaded)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        torch.manual_seed(seed)
+        AutoencoderTiny(**(TINY_AUTOENCODER if config is None else config)).save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
     finally:

@@ -71,6 +71,29 @@ class VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class TinyVaeEncoder(torch.nn.Module):
+    """AutoencoderTiny.encode -> latents [B, C, h, w] (no posterior: TAESD encodes deterministically); the runtime
+    multiplies by scaling_factor as diffusers' img2img pipeline does."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample, return_dict=False)[0]
+
+
+class TinyVaeDecoder(torch.nn.Module):
+    """AutoencoderTiny.decode of latents already divided by scaling_factor -> image in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
 def _text_spec(model, heads: tuple[str, str], ids: torch.Tensor) -> Spec:
     outputs = [*heads] + [f"hidden_states.{i}" for i in range(model.config.num_hidden_layers + 1)]
     return Spec(TextEncoder(model, heads), {"input_ids": ids}, {"input_ids": [-1, 77]}, outputs)
@@ -140,3 +163,19 @@ def vae_decoder_spec(vae, height: int = 64, width: int = 48) -> Spec:
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     z = torch.randn(1, c, height // f, width // f, generator=torch.Generator().manual_seed(0))
     return Spec(VaeDecoder(vae), {"latent_sample": z.to(dtype)}, {"latent_sample": [-1, c, -1, -1]}, ["sample"])
+
+
+def tiny_vae_encoder_spec(vae, height: int = 64, width: int = 48) -> Spec:
+    dtype = next(vae.parameters()).dtype
+    x = torch.rand(1, vae.config.in_channels, height, width, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return Spec(TinyVaeEncoder(vae), {"sample": x.to(dtype)}, {"sample": [-1, vae.config.in_channels, -1, -1]},
+                ["latents"])  # fmt: skip
+
+
+def tiny_vae_decoder_spec(vae, height: int = 64, width: int = 48) -> Spec:
+    """Example latents of SDXL's spread (std ~1 after the 0.13025 scaling, some beyond TAESD's tanh clamp at 3)."""
+    dtype = next(vae.parameters()).dtype
+    c = vae.config.latent_channels
+    f = vae.config.upsampling_scaling_factor ** (len(vae.config.decoder_block_out_channels) - 1)
+    z = torch.randn(1, c, height // f, width // f, generator=torch.Generator().manual_seed(0)) * 2
+    return Spec(TinyVaeDecoder(vae), {"latent_sample": z.to(dtype)}, {"latent_sample": [-1, c, -1, -1]}, ["sample"])

@@ -47,17 +47,30 @@ def source_dir(kind: str, seed: int = 0) -> Path:
     return out
 
 
-def ov_dir(kind: str, weight_format: str = "fp32", seed: int = 0, timestep_dtype: str = "f32") -> Path:
+def tiny_autoencoder_dir(seed: int = 0) -> Path:
+    """The diffusers folder of a random-weight AutoencoderTiny (convert.tiny.TINY_AUTOENCODER), built on first use."""
+    from convert.tiny import build_tiny_autoencoder
+
+    out = CACHE / cache_key() / f"taesd-s{seed}-diffusers"
+    with _building(out):
+        if not (out / "config.json").is_file():
+            build_tiny_autoencoder(out, seed=seed)
+    return out
+
+
+def ov_dir(kind: str, weight_format: str = "fp32", seed: int = 0, timestep_dtype: str = "f32",
+           tiny_vae: bool = False) -> Path:  # fmt: skip
     """The converted OpenVINO folder of a tiny model (converted on first use); timestep_dtype "i64" gives the
-    UNet interface openvino.genai and optimum-intel call."""
+    UNet interface openvino.genai and optimum-intel call; tiny_vae: with the tiny autoencoder (--tiny-vae)."""
     from convert.pipeline import convert_pipeline
 
-    suffix = "" if timestep_dtype == "f32" else f"-{timestep_dtype}"
+    suffix = ("" if timestep_dtype == "f32" else f"-{timestep_dtype}") + ("-taesd" if tiny_vae else "")
     out = CACHE / cache_key() / f"{kind}-s{seed}-ov-{weight_format}{suffix}"
     src = source_dir(kind, seed)
+    tiny = str(tiny_autoencoder_dir(seed)) if tiny_vae else None
     with _building(out):
         if not (out / "model_index.json").is_file():
             shutil.rmtree(out, ignore_errors=True)
             convert_pipeline(str(src), out, weight_format=weight_format, timestep_dtype=timestep_dtype,
-                             log=lambda s: None, isolate=False)  # fmt: skip
+                             log=lambda s: None, isolate=False, tiny_vae=tiny)  # fmt: skip
     return out
