@@ -8,6 +8,14 @@ end to end + (N - steps) x the median steady step. Peak RSS is the child's.
     python -m benchmarks.real_size --models sdxl-base-1.0 ssd-1b segmind-vega lcm-ssd-1b [--steps 2] [--size 1024]
     python -m benchmarks.real_size --models sdxl-base-1.0 --refiner sdxl-refiner-1.0 --steps 4 --high-noise-frac 0.5 \
         --project-high-noise-frac 0.8
+    python -m benchmarks.real_size --models sdxl-base-1.0 --size 512 --steps 6 --repeat 2 \
+        --variants plain deepcache_interval=3 guidance_cutoff=0.4 "deepcache_interval=3 guidance_cutoff=0.4"
+
+The strategy flags (--deepcache-*, --guidance-cutoff) apply to every run; --variants runs each model once per
+variant (parameter overrides, "plain" for none), interleaved --repeat times. A run with DeepCache or a guidance
+cut-off is not projected (its steps differ in cost): compare variants at the measured step count, by the UNet's
+seconds (the sum of its calls' inference times) and end to end. Each invocation measures a 4096^3 MatMul's
+GFLOP/s (numpy f32, OpenVINO bf16 and f32) first and records it with every result.
 """
 
 from __future__ import annotations
@@ -33,8 +41,13 @@ def _folder(name: str, weights: str) -> Path:
     return OUT / f"{name}-random-ov-{weights}"
 
 
+STRATEGY = ("deepcache_interval", "deepcache_branch", "deepcache_schedule", "deepcache_center", "deepcache_pow",
+            "guidance_cutoff")  # fmt: skip
+
+
 def _timed(pipe, **kw) -> dict:
-    """One generation: seconds to the first step (text encoding + setup), each step, and the decode."""
+    """One generation: seconds to the first step (text encoding + setup), each step, and the decode; the UNet's
+    calls (inference seconds each, how many ran DeepCache's shallow branch)."""
     t0 = now()
     gen = pipe.generate(**kw)
     marks = [t0]
@@ -44,8 +57,13 @@ def _timed(pipe, **kw) -> dict:
     result = gen.result()
     end = now()
     steps = [b - a for a, b in zip(marks[1:], marks[2:], strict=False)]
-    return {"first_step_s": marks[1] - t0, "steps_s": steps, "decode_s": end - t_loop, "end_to_end_s": end - t0,
-            "result": result}  # fmt: skip
+    out = {"first_step_s": marks[1] - t0, "steps_s": steps, "decode_s": end - t_loop, "end_to_end_s": end - t0,
+           "result": result}  # fmt: skip
+    denoiser = getattr(gen, "denoiser", None)
+    if denoiser is not None:
+        out |= {"unet_calls_s": list(denoiser.call_seconds), "unet_s": sum(denoiser.call_seconds),
+                "shallow_calls": getattr(denoiser, "shallow_calls", 0)}  # fmt: skip
+    return out
 
 
 def child(spec: dict) -> dict:
@@ -55,6 +73,7 @@ def child(spec: dict) -> dict:
     t = now()
     pipe = SDXLPipeline(_folder(spec["model"], spec["weights"]), low_memory=spec["low_memory"])
     kw = dict(prompt=PROMPT, height=size, width=size, seed=0, output_type="np")
+    kw |= {k: spec[k] for k in STRATEGY if spec.get(k) is not None}
     kw |= pipe.info.presets(None, steps, None)  # the folder's scheduler and guidance (LCM: its recipe)
     refiner = None
     if spec.get("refiner"):
@@ -62,7 +81,8 @@ def child(spec: dict) -> dict:
                                low_memory=spec["low_memory"])  # fmt: skip
     load = now() - t
     t = now()
-    pipe(**{**kw, "num_inference_steps": 1})  # compiles (from the model cache when it has them)
+    # compiles (from the model cache when it has them); 2 steps: the guidance cut-off's batch-B UNet too
+    pipe(**{**kw, "num_inference_steps": 2 if kw.get("guidance_cutoff") else 1})
     prime = now() - t
     out = {"load_s": load, "prime_s": prime}
     if refiner is None:
@@ -122,21 +142,50 @@ def main(argv=None) -> int:
     p.add_argument("--project", type=int, default=30, help="steps to project to (LCM folders: their preset, as is)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--low-memory", action="store_true")
+    p.add_argument("--deepcache-interval", type=int, help="DeepCache: the full UNet every N steps (1 = off)")
+    p.add_argument("--deepcache-branch", type=int, help="DeepCache's cache_branch_id")
+    p.add_argument("--deepcache-schedule", choices=("uniform", "quadratic"))
+    p.add_argument("--deepcache-center", type=float)
+    p.add_argument("--deepcache-pow", type=float)
+    p.add_argument("--guidance-cutoff", type=float, help="guidance stops after this fraction of the steps")
+    p.add_argument("--variants", nargs="+", default=["plain"],
+                   help='runs per model, each "plain" or space-separated key=value overrides of the strategy flags, '
+                        'e.g. "deepcache_interval=3 guidance_cutoff=0.4"')  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1, help="run the variants (interleaved) this many times")
+    p.add_argument("--no-matmul", action="store_true", help="skip the 4096^3 MatMul GFLOP/s measurement")
     args = p.parse_args(argv)
+    variants = []
+    for v in args.variants:
+        over = {}
+        for item in [] if v == "plain" else v.split():
+            key, _, value = item.partition("=")
+            if key not in STRATEGY or not value:
+                p.error(f"--variants {v!r}: {item!r} is not key=value with a key of {', '.join(STRATEGY)}")
+            over[key] = value if key == "deepcache_schedule" else float(value) if "." in value else int(value)
+        variants.append(over)
+    matmul = None
+    if not args.no_matmul:
+        code = "import json; from benchmarks.vae_real import matmul_gflops; print(json.dumps(matmul_gflops()))"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # fmt: skip
+        if proc.returncode == 0:
+            matmul = json.loads(proc.stdout.strip().splitlines()[-1])
+            print("matmul 4096^3 GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in matmul.items()), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     from runtime.errors import RuntimeInputError
     from runtime.params import ModelInfo
 
-    for model in args.models:
+    runs = [(model, over) for _ in range(args.repeat) for model in args.models for over in variants]
+    for model, over in runs:
         try:
             info = ModelInfo.load(_folder(model, args.weights))
         except RuntimeInputError as e:
             print(f"{model}: failed: {e}")
             continue
+        strategy = {k: getattr(args, k) for k in STRATEGY if getattr(args, k) is not None} | over
         lcm = info.is_lcm  # an LCM folder runs its preset steps (4), as is: no projection
         steps = info.presets(None, None, None)["num_inference_steps"] if lcm else args.steps
         spec = dict(model=model, weights=args.weights, size=args.size, steps=steps, low_memory=args.low_memory,
-                    refiner=args.refiner, high_noise_frac=args.high_noise_frac)  # fmt: skip
+                    refiner=args.refiner, high_noise_frac=args.high_noise_frac, **strategy)  # fmt: skip
         t = now()
         proc = subprocess.run([sys.executable, "-m", "benchmarks.real_size", "_child", json.dumps(spec)],
                               capture_output=True, text=True)  # fmt: skip
@@ -146,15 +195,19 @@ def main(argv=None) -> int:
             print(f"{model}: failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
             continue
         rec = {**spec, **json.loads(line[9:]), "wall_s": wall, "date": time.strftime("%Y-%m-%d %H:%M"),
-               "commit": _commit()}  # fmt: skip
-        target = steps if lcm else args.project
+               "commit": _commit(), "matmul_gflops": matmul}  # fmt: skip
+        strategic = strategy.get("deepcache_interval", 1) > 1 or strategy.get("guidance_cutoff") is not None
+        target = steps if lcm or strategic else args.project
         rec["projected_steps"] = target
         if args.refiner:
             rec["project_high_noise_frac"] = args.project_high_noise_frac or args.high_noise_frac
-        rec["projected_s_per_image"] = rec["end_to_end_s"] if lcm else project(rec, target, steps)
+        rec["projected_s_per_image"] = rec["end_to_end_s"] if lcm or strategic else project(rec, target, steps)
         with RESULTS.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         name = model + (f" + {args.refiner}" if args.refiner else "")
+        name += "".join(f" {k}={v}" for k, v in strategy.items()) or " plain"
+        if "unet_s" in rec:
+            name += f": UNet {rec['unet_s']:.2f} s ({len(rec['unet_calls_s'])} calls, {rec['shallow_calls']} shallow)"
         print(
             f"{name}: {steps} steps {rec['end_to_end_s']:.1f} s end to end -> {rec['projected_s_per_image']:.1f} s "
             f"per image at {target} steps; load {rec['load_s']:.1f} s, first call (compile) {rec['prime_s']:.1f} s, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import sys
@@ -135,6 +136,57 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="refuse a size whose estimated memory exceeds this many GiB (default: $SDXL_OPENVINO_MAX_MEMORY_GB, "
         "else the memory available; inf: no check)",
     )
+    c = p.add_argument_group("computing less per image (README: DeepCache and guidance cut-off)")
+    c.add_argument(
+        "--deepcache-interval",
+        type=int,
+        default=1,
+        help="DeepCache: the whole UNet every N steps, its shallow branch between (default 1: off)",
+    )
+    c.add_argument("--deepcache-branch", type=int, default=0, help="DeepCache's cache_branch_id (default 0)")
+    c.add_argument(
+        "--deepcache-schedule",
+        choices=["uniform", "quadratic"],
+        default="uniform",
+        help="the full steps: every N-th, or DeepCache's sample_from_quad_center (default uniform)",
+    )
+    c.add_argument("--deepcache-center", type=float, default=15.0, help="the quadratic schedule's center (15)")
+    c.add_argument("--deepcache-pow", type=float, default=1.4, help="the quadratic schedule's power (1.4)")
+    c.add_argument(
+        "--guidance-cutoff",
+        type=float,
+        default=None,
+        help="F in (0, 1): classifier-free guidance stops after step int(steps * F) (default: off)",
+    )
+    v = p.add_argument_group("the VAE and previews")
+    v.add_argument(
+        "--vae-decoder",
+        choices=["full", "tiny"],
+        default="full",
+        help="the final image's decoder: full (the VAE) or tiny (the folder's TAESD, convert --tiny-vae)",
+    )
+    v.add_argument(
+        "--vae-tiling",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="decode (and img2img's encode) in overlapping tiles as diffusers' vae.enable_tiling(); auto: "
+        "when the untiled decode would not fit the memory available (default)",
+    )
+    v.add_argument(
+        "--vae-tile-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="tile size in pixels, a multiple of 32 (default: the VAE config's sample_size, 1024 for SDXL)",
+    )
+    v.add_argument(
+        "--preview",
+        choices=["none", "approx", "tiny"],
+        default="none",
+        help="write a preview of the predicted image every --preview-every steps to NAME-preview-STEP.png: "
+        "approx (a fixed latent -> RGB projection, 1/8 size) or tiny (the tiny decoder)",
+    )
+    v.add_argument("--preview-every", type=int, default=1, metavar="K", help="preview every K-th step (default 1)")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--from-png", type=Path, default=None)
     source = pre.parse_known_args(argv)[0].from_png
@@ -159,6 +211,11 @@ FLAGS = {
     "strength": "--strength", "high_noise_frac": "--high-noise-frac", "refiner_strength": "--refiner-strength",
     "aesthetic_score": "--aesthetic-score", "negative_aesthetic_score": "--negative-aesthetic-score",
     "device": "--device", "precision": "--precision", "batch_pos": "--batch-pos",
+    "vae_decoder": "--vae-decoder", "vae_tiling": "--vae-tiling", "vae_tile_size": "--vae-tile-size",
+    "preview": "--preview", "preview_every": "--preview-every",
+    "deepcache_interval": "--deepcache-interval", "deepcache_branch": "--deepcache-branch",
+    "deepcache_schedule": "--deepcache-schedule", "deepcache_center": "--deepcache-center",
+    "deepcache_pow": "--deepcache-pow", "guidance_cutoff": "--guidance-cutoff",
 }  # fmt: skip
 # what the CLI cannot set: a PNG that records another value cannot be made again from the command line
 _CLI_DEFAULTS = {
@@ -206,6 +263,15 @@ def _outputs(path: Path, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
+def _previews(path: Path) -> list[Path]:
+    """The preview files of an output already there (NAME-preview-STEP.png)."""
+    return sorted(path.parent.glob(f"{glob.escape(path.stem)}-preview-*.png"))
+
+
+def _preview_path(path: Path, index: int, total: int) -> Path:
+    return path.with_name(f"{path.stem}-preview-{index + 1:0{len(str(total))}d}.png")
+
+
 def _check_output(args) -> None:
     out = args.output
     if args.output_type == "latent" and out.suffix != ".npy":
@@ -227,6 +293,8 @@ def _check_output(args) -> None:
             raise RuntimeInputError(f"--output {path}: is a folder")
         if os.path.lexists(path) and not args.overwrite:
             raise RuntimeInputError(f"{path} exists; pass --overwrite to replace it")
+    if args.preview != "none" and _previews(out) and not args.overwrite:
+        raise RuntimeInputError(f"{_previews(out)[0]} exists; pass --overwrite to replace previews")
 
 
 def _clock(seconds: float) -> str:
@@ -287,10 +355,16 @@ class Progress:
             self._open = False
 
 
-def _run(gen, progress: Progress):
+def _run(gen, progress: Progress, previews: Path | None = None):
+    """previews: the output path whose NAME-preview-STEP.png files get the previews (the batch side by side)."""
+    from runtime.image import save_png
+
     gen.on_stage = progress.stage
     for state in gen:
         progress.step(state.index + 1, state.total)
+        image = gen.preview(state) if previews is not None else None
+        if image is not None:
+            save_png(np.concatenate(list(image), axis=1), _preview_path(previews, state.index, state.total))
     result = gen.result()
     progress.close()
     return result
@@ -331,13 +405,23 @@ def _generate(args, progress: Progress, SDXLPipeline):
                   scheduler=args.scheduler, output_type="latent" if args.output_type == "latent" else "np",
                   height=args.height, width=args.width, aesthetic_score=args.aesthetic_score,
                   negative_aesthetic_score=args.negative_aesthetic_score, high_noise_frac=args.high_noise_frac,
-                  refiner_strength=args.refiner_strength)  # fmt: skip
+                  refiner_strength=args.refiner_strength, deepcache_interval=args.deepcache_interval,
+                  deepcache_branch=args.deepcache_branch, deepcache_schedule=args.deepcache_schedule,
+                  deepcache_center=args.deepcache_center, deepcache_pow=args.deepcache_pow,
+                  guidance_cutoff=args.guidance_cutoff)  # fmt: skip
+    kwargs |= dict(
+        vae_decoder=args.vae_decoder,
+        vae_tiling=args.vae_tiling,
+        vae_tile_size=args.vae_tile_size,
+        preview=args.preview,
+        preview_every=args.preview_every,
+    )
     if args.image is not None:
         kwargs |= dict(image=args.image, strength=args.strength)
     gen = pipe.generate(**kwargs)
     if args.seed is None:  # so that any output (.npy, latents) can be made again
         progress.note(f"seed: {gen.params.seed}")
-    result = _run(gen, progress)
+    result = _run(gen, progress, args.output if args.preview != "none" else None)
     if args.batch_pos is not None:  # --from-png of a batch's image: the batch made again, its one image kept
         i = args.batch_pos
         result.latents, result.image_parameters = result.latents[i : i + 1], result.image_parameters[i : i + 1]

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runtime import conditioning
-from runtime.denoise import UNetDenoiser
+from runtime.denoise import DeepCache, UNetDenoiser
 from runtime.errors import RuntimeInputError
 from runtime.image import load_image, png_text, sampler_name, save_png
 from runtime.params import GenerationParams
 from runtime.rng import TorchGenerator
 from runtime.text import encode_prompt
+from runtime.vae import Previewer
 from schedulers import StepState, create_scheduler
 
 if TYPE_CHECKING:
@@ -109,6 +110,13 @@ class Generation:
         self._latents: np.ndarray | None = None
         self._iter: Iterator | None = None
         self.on_stage: StageCallback | None = None
+        self.previewer = Previewer(p.preview, p.preview_every, pipe.tiny_vae)
+
+    def preview(self, state: StepState) -> np.ndarray | None:
+        """The preview image [N, H, W, 3] uint8 of a step this generation yielded (params preview, preview_every:
+        "approx" at the latent size, "tiny" at the image size), None when off or not one of its steps; made when
+        asked, so previews cost nothing unless called."""
+        return self.previewer(state)
 
     def _stage(self, name: str) -> None:
         if self.on_stage is not None:
@@ -196,7 +204,7 @@ class Generation:
         if image.shape[1] == self.info.in_channels:  # latents given as the image: no encode, no scaling
             init = image
         else:
-            init = self.pipe.encode_image(image, generator)  # [b, 4, h, w], scaled
+            init = self.pipe.encode_image(image, generator, p.vae_tiling, p.vae_tile_size)  # [b, 4, h, w], scaled
         if self.batch % init.shape[0]:
             raise RuntimeInputError(f"cannot spread {init.shape[0]} images over {self.batch} generations")
         init = np.concatenate([init] * (self.batch // init.shape[0]))
@@ -217,8 +225,13 @@ class Generation:
             self.pipe.done_with(enc.encoder)
         p = self.params
         self._stage("compile")
+        dc = DeepCache(p.deepcache_interval, p.deepcache_branch, p.deepcache_schedule, p.deepcache_center,
+                       p.deepcache_pow)  # fmt: skip
         self.denoiser = denoiser = UNetDenoiser(self.pipe.unet, inputs, latents.shape, p.guidance_scale,
-                                                p.guidance_rescale, self.do_cfg, self.pipe.unet_observers)  # fmt: skip
+                                                p.guidance_rescale, self.do_cfg, self.pipe.unet_observers,
+                                                timesteps=self.plan.timesteps, deepcache=dc,
+                                                guidance_cutoff=p.guidance_cutoff,
+                                                low_memory=self.pipe.low_memory)  # fmt: skip
         self._stage("denoise")
         try:
             for state in self.plan.sample(latents, denoiser, generator.randn):
@@ -242,10 +255,14 @@ class Generation:
     def result(self) -> GenerationResult:
         for _ in self:  # run what is left of the loop
             pass
-        result = _recorded(self.pipe, self.params, self._latents)
-        if self.params.output_type != "latent":
+        result, p = _recorded(self.pipe, self.params, self._latents), self.params
+        if p.output_type != "latent":
             self._stage("decode")
-            result.images = self.pipe.decode(result.latents)
+            shape = result.latents.shape
+            tiles = None if p.vae_decoder == "tiny" else self.pipe.vae_tiles(shape, p.vae_tiling, p.vae_tile_size)
+            result.images = self.pipe.decode(result.latents, p.vae_decoder, tiles)
+            for rec in (result.parameters, *result.image_parameters):  # what was run, "auto" resolved
+                rec.update(vae_tiling="on" if tiles else "off", vae_tile_size=tiles.sample if tiles else None)
         return result
 
 
@@ -288,6 +305,10 @@ class Refinement:
     def total(self) -> int:
         return self.base.total + self.refiner.total
 
+    def preview(self, state: StepState) -> np.ndarray | None:
+        """Generation.preview, for the base's steps and the refiner's (one latent space)."""
+        return self.base.preview(state)
+
     def _steps(self) -> Iterator[StepState]:
         total, n = self.total, self.base.total
         for state in self.base:
@@ -310,6 +331,8 @@ class Refinement:
         result = self.refiner.result()
         recorded = _recorded(self._pipes[0], self.params, result.latents, refiner=self._pipes[1])
         recorded.images = result.images
+        for rec in (recorded.parameters, *recorded.image_parameters):  # the refiner's decode, "auto" resolved
+            rec.update({k: result.parameters[k] for k in ("vae_tiling", "vae_tile_size") if k in result.parameters})
         return recorded
 
 
@@ -357,6 +380,10 @@ class PerImage:
     @property
     def total(self) -> int:
         return sum(run.total for run in self.runs)
+
+    def preview(self, state: StepState) -> np.ndarray | None:
+        """Generation.preview, for any image's steps."""
+        return self.runs[0].preview(state)
 
     def _steps(self) -> Iterator[StepState]:
         done, total = 0, self.total

@@ -246,6 +246,17 @@ class OVModel:
                 self._idle.pop(old, None)
             return compiled
 
+    def forget(self, shapes: dict[str, tuple[int, ...]], tag: str | None = None) -> None:
+        """Drop the compiled model(s) of these shapes (compile_derived's of `tag`) from the cache: their memory
+        goes with the last infer request that still holds them (a low-memory generation that changes shape)."""
+        shape_key = self._key(shapes)
+        with self._lock:
+            names = self._derived.pop((tag, shape_key), ()) if tag is not None else ()
+            keys = [(("~derived", tag, n), *shape_key) for n in names] if tag is not None else [shape_key]
+            for key in keys:
+                self._compiled.pop(key, None)
+                self._idle.pop(key, None)
+
     @contextmanager
     def in_use(self) -> Iterator[None]:
         """Mark a caller running on this model's compiled models: trim() and release() leave them alone meanwhile

@@ -31,6 +31,7 @@ ENV_MAX_MEMORY_GB = "SDXL_OPENVINO_MAX_MEMORY_GB"
 # batch: diffusers' noise, one draw for the whole batch (image i needs the batch to be made again);
 # per-image: A1111's, image i of the batch is the single-image generation with seed + i
 SEED_MODES = ("batch", "per-image")
+DEEPCACHE_SCHEDULES = ("uniform", "quadratic")  # runtime.deepcache.full_steps
 
 
 # -- the model folder -------------------------------------------------------------------------------------------
@@ -369,6 +370,21 @@ class GenerationParams:
     # base -> refiner (used when the pipeline has a refiner)
     high_noise_frac: float | None = None
     refiner_strength: float | None = None
+    # the VAE (runtime.vae): the final image's decoder, tiled decode/encode, previews per step (gen.preview(state))
+    vae_decoder: str = "full"  # "full" | "tiny" (the folder's vae_decoder_tiny/, convert --tiny-vae)
+    vae_tiling: str = "auto"  # "auto" | "on" (diffusers' AutoencoderKL.enable_tiling()) | "off"
+    vae_tile_size: int | None = None  # pixels; None: the VAE config's sample_size, as diffusers
+    preview: str = "none"  # "none" | "approx" (latent -> RGB projection) | "tiny" (the tiny decoder)
+    preview_every: int = 1
+    # computing less per image (runtime.denoise): DeepCache (every N-th step the whole UNet, the shallow branch
+    # between; 1 = off) with DeepCache's cache_branch_id, and the guidance cut-off (guidance stops after step
+    # int(steps * F))
+    deepcache_interval: int = 1
+    deepcache_branch: int = 0
+    deepcache_schedule: str = "uniform"  # DEEPCACHE_SCHEDULES; quadratic: sample_from_quad_center's full steps
+    deepcache_center: float = 15.0
+    deepcache_pow: float = 1.4
+    guidance_cutoff: float | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -391,7 +407,8 @@ class GenerationParams:
 
     def public(self) -> dict:
         """The parameters as recorded with a result (the arrays and images left out)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("latents", "image")}
+        skip = ("latents", "image", "preview", "preview_every")  # previews do not change the image
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def _validated(self) -> GenerationParams:
         fix: dict[str, Any] = {}
@@ -458,15 +475,40 @@ class GenerationParams:
             pair = _pair(getattr(self, k), k)
             if pair != getattr(self, k):
                 fix[k] = pair
+        from runtime.vae import check_options  # runtime.vae imports this module
+
+        check_options(self.vae_decoder, self.preview, self.preview_every, self.vae_tiling, self.vae_tile_size)
+        for k in ("vae_tile_size", "preview_every"):  # numpy integers -> int (the recorded JSON)
+            if getattr(self, k) is not None and type(getattr(self, k)) is not int:
+                fix[k] = int(getattr(self, k))
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise RuntimeInputError(f"scheduler={self.scheduler!r} must be a name")
+        n = self.deepcache_interval
+        if not _is_int(n) or not 1 <= n <= 1000:
+            raise RuntimeInputError(f"deepcache_interval={n!r} must be an integer in 1..1000 (1: off)")
+        if not _is_int(self.deepcache_branch) or self.deepcache_branch < 0:
+            raise RuntimeInputError(f"deepcache_branch={self.deepcache_branch!r} must be a non-negative integer")
+        if self.deepcache_schedule not in DEEPCACHE_SCHEDULES:
+            raise RuntimeInputError(
+                f"deepcache_schedule={self.deepcache_schedule!r}: choose one of {', '.join(DEEPCACHE_SCHEDULES)}"
+            )
+        c = self.deepcache_center
+        if not _is_real(c) or not math.isfinite(c) or c < 0:
+            raise RuntimeInputError(f"deepcache_center={c!r} must be a finite non-negative number")
+        if not _is_real(self.deepcache_pow) or not 1 < self.deepcache_pow <= 10:
+            raise RuntimeInputError(f"deepcache_pow={self.deepcache_pow!r} must be in (1, 10]")
+        g = self.guidance_cutoff
+        if g is not None and (not _is_real(g) or not 0.0 < g < 1.0):
+            raise RuntimeInputError(f"guidance_cutoff={g!r} must be between 0 and 1 (exclusive)")
         if isinstance(self.prompt, tuple):
             fix["prompt"] = list(self.prompt)
-        for k in ("height", "width", "num_inference_steps", "num_images_per_prompt", "seed", "clip_skip"):
+        for k in ("height", "width", "num_inference_steps", "num_images_per_prompt", "seed", "clip_skip",
+                  "deepcache_interval", "deepcache_branch"):  # fmt: skip
             v = getattr(self, k)
             if v is not None and not isinstance(v, int):
                 fix[k] = int(v)
-        for k in ("guidance_scale", "guidance_rescale", "strength", "aesthetic_score", "negative_aesthetic_score"):
+        for k in ("guidance_scale", "guidance_rescale", "strength", "aesthetic_score", "negative_aesthetic_score",
+                  "deepcache_center", "deepcache_pow", "guidance_cutoff"):  # fmt: skip
             v = getattr(self, k)
             if v is not None and not isinstance(v, float):
                 fix[k] = float(v)

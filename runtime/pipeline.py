@@ -22,6 +22,7 @@ from runtime.ov_model import OVModel
 from runtime.params import GenerationParams, ModelInfo, memory_limit
 from runtime.text import TextEncoder
 from runtime.tokenizer import Tokenizer
+from runtime.vae import Tiles, TinyVAE, choose_tiles, tiled_decode, tiled_encode
 
 __all__ = ["SDXLPipeline", "Generation", "GenerationResult", "GenerationParams", "ModelInfo", "StepState"]
 
@@ -116,6 +117,7 @@ class SDXLPipeline:
         self._vae_lock = threading.Lock()
         self._vae_encoder_cfg = vae_cfg
         self._vae_encoder = None
+        self.tiny_vae = TinyVAE(self.core, self.dir, device, vae_cfg)  # compiled on first use (runtime.vae)
         self.text_encoders = []
         pairs = [("tokenizer_2", "text_encoder_2")] if info.is_refiner else [
             ("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]  # fmt: skip
@@ -168,6 +170,9 @@ class SDXLPipeline:
         if same_ir(self.dir / "vae_encoder" / "openvino_model.xml", other.dir / "vae_encoder" / "openvino_model.xml"):
             self._vae_encoder = other.vae_encoder
             self.shared.append("vae_encoder")
+        if not self.tiny_vae.available and other.tiny_vae.available:  # a refiner decodes the base's latent space
+            self.tiny_vae = other.tiny_vae
+            self.shared.append("vae_decoder_tiny")
         mine, theirs = self.text_encoders[-1], other.text_encoders[-1]  # text_encoder_2 in both
         if same_ir(mine.encoder.xml, theirs.encoder.xml):
             self.text_encoders[-1] = theirs
@@ -196,6 +201,10 @@ class SDXLPipeline:
         if self.refiner is None and (params.high_noise_frac is not None or params.refiner_strength is not None):
             raise RuntimeInputError("high_noise_frac and refiner_strength need a refiner (SDXLPipeline(refiner=...))")
         params = self.with_presets(params)
+        if params.vae_decoder == "tiny":  # a folder without a tiny VAE: one line, before any work
+            (self.refiner or self).tiny_vae.require()  # the last stage decodes (a refiner shares the base's)
+        if params.preview == "tiny":
+            self.tiny_vae.require()
         if params.seed_mode == "per-image" and params.batch > 1:
             gen = PerImage(self, params)
         elif self.refiner is not None:
@@ -228,11 +237,17 @@ class SDXLPipeline:
         return params.replace(**self.info.presets(params.scheduler, params.num_inference_steps, params.guidance_scale))
 
     # -- the stages' models -------------------------------------------------------------------------------------
-    def encode_image(self, image: np.ndarray, generator) -> np.ndarray:
-        """[B, 3, H, W] in [-1, 1] -> scaled latents, sampling the VAE posterior with `generator`.
+    def encode_image(self, image: np.ndarray, generator, tiling: str = "off", tile_size: int | None = None):
+        """[B, 3, H, W] in [-1, 1] -> scaled latents, sampling the VAE posterior with `generator`; tiling
+        (runtime.vae.choose_tiles): the moments from overlapping tiles as diffusers' tiled encode.
         # ref: diffusers retrieve_latents(sample_mode="sample") + DiagonalGaussianDistribution.sample"""
         info = self.info
-        moments = self.vae_encoder({"sample": image})["latent_parameters"]  # [B, 8, h, w]
+        tiles = choose_tiles(info, image.shape[-2], image.shape[-1], tiling, tile_size)
+        if tiles is not None and tiles.tiles_encode(image.shape):
+            call = lambda tile: self.vae_encoder({"sample": tile})["latent_parameters"]  # noqa: E731
+            moments = tiled_encode(call, image, tiles, self.vae_encoder.release)  # [B, 8, h, w]
+        else:
+            moments = self.vae_encoder({"sample": image})["latent_parameters"]  # [B, 8, h, w]
         self.done_with(self.vae_encoder)
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
@@ -241,7 +256,13 @@ class SDXLPipeline:
             return ((latents - info.latents_mean) * info.scaling_factor / info.latents_std).astype(np.float32)
         return (info.scaling_factor * latents).astype(np.float32)
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
+    def vae_tiles(self, latents_shape, tiling: str = "auto", tile_size: int | None = None) -> Tiles | None:
+        """The tiles a full decode of latents of this shape runs on (runtime.vae.choose_tiles), None: untiled."""
+        f = self.info.vae_scale_factor
+        tiles = choose_tiles(self.info, latents_shape[-2] * f, latents_shape[-1] * f, tiling, tile_size)
+        return tiles if tiles is not None and tiles.tiles_decode(latents_shape) else None
+
+    def decode(self, latents: np.ndarray, decoder: str = "full", tiles: Tiles | None = None) -> np.ndarray:
         """[N, 4, h, w] latents -> [N, H, W, 3] uint8, one image per VAE call (lower peak memory, same numbers).
 
         NaN or inf never becomes a black image: a decode that gives them in bf16/f16 is done again in f32 (as
@@ -250,11 +271,20 @@ class SDXLPipeline:
         info = self.info
         if not np.isfinite(latents).all():
             raise RuntimeInputError("the latents to decode hold NaN or inf")
+        if decoder == "tiny":  # as diffusers with pipe.vae = AutoencoderTiny: latents / its scaling_factor
+            images = self.tiny_vae.decode(latents)
+            self.done_with(self.tiny_vae.decoder)
+            return images
         if info.latents_mean is not None:
             scaled = latents * info.latents_std / info.scaling_factor + info.latents_mean
         else:
             scaled = latents / info.scaling_factor
-        images = [to_uint8(self._decode_one(scaled[i : i + 1])) for i in range(len(scaled))]
+        if tiles is not None:  # each tile a call of its own (NaN handled per call), one tile shape compiled at a time
+            release = lambda: [m.release() for m in (self.vae_decoder, self._vae_decoder_f32) if m is not None]  # noqa: E731
+            images = [to_uint8(tiled_decode(self._decode_one, scaled[i : i + 1], tiles, release))
+                      for i in range(len(scaled))]  # fmt: skip
+        else:
+            images = [to_uint8(self._decode_one(scaled[i : i + 1])) for i in range(len(scaled))]
         self.done_with(self.vae_decoder)
         if self._vae_decoder_f32 is not None:
             self.done_with(self._vae_decoder_f32)

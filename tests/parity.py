@@ -39,8 +39,15 @@ def our_pipe(ov_dir: str):
     return SDXLPipeline(ov_dir, precision="f32", cache_dir=None)
 
 
-def run_diffusers(src, seed: int, scheduler: str | None = None, img2img: bool = False, **kwargs):
-    """-> (final latents [N, 4, h, w] float32, images [N, H, W, 3] uint8 or None)"""
+def run_diffusers(src, seed: int, scheduler: str | None = None, img2img: bool = False, on_step_end=None, around=None,
+                  **kwargs):  # fmt: skip
+    """-> (final latents [N, 4, h, w] float32, images [N, H, W, 3] uint8 or None)
+
+    on_step_end(pipe, i, t, callback_kwargs) -> callback_kwargs: a callback_on_step_end of the test's (run before
+    the latents are kept; pass callback_on_step_end_tensor_inputs for what it changes); around(pipe): a context
+    manager the call runs in (e.g. a DeepCache helper enabled on the pipe and disabled after)."""
+    import contextlib
+
     import diffusers
     import torch
 
@@ -52,12 +59,15 @@ def run_diffusers(src, seed: int, scheduler: str | None = None, img2img: bool = 
     captured = {}
 
     def keep_latents(p, i, t, cb_kwargs):
+        if on_step_end is not None:
+            cb_kwargs = on_step_end(p, i, t, cb_kwargs)
         captured["latents"] = cb_kwargs["latents"].detach().clone()
         return cb_kwargs
 
     output_type = kwargs.pop("output_type", "np")
-    out = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type,
-               callback_on_step_end=keep_latents, **kwargs)  # fmt: skip
+    with around(pipe) if around is not None else contextlib.nullcontext():
+        out = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type,
+                   callback_on_step_end=keep_latents, **kwargs)  # fmt: skip
     if output_type == "latent":
         return out.images.numpy(), None
     images = (out.images * 255).round().astype(np.uint8)  # what diffusers' numpy_to_pil does
