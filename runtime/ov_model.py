@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import stat
 import sys
 import threading
 import time
@@ -18,6 +17,7 @@ import openvino as ov
 
 from runtime import model_cache
 from runtime.errors import RuntimeInputError
+from runtime.params import regular_file
 
 _NP_TYPES = {
     ov.Type.f32: np.float32,
@@ -103,14 +103,7 @@ def read_ir(core: ov.Core, xml: Path) -> ov.Model:
     xml = Path(xml)
     weights = xml.with_suffix(".bin")
     for path in (xml, weights):
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise RuntimeInputError(f"{path.parent}: no {path.name} (submodel missing or incomplete)") from None
-        except OSError as e:
-            raise RuntimeInputError(f"{path}: unreadable ({e.strerror or e})") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise RuntimeInputError(f"{path}: not a regular file")
+        regular_file(path, "submodel missing or incomplete")
     if weights.stat().st_size == 0:
         raise RuntimeInputError(f"{weights}: empty (the IR's weights are missing)")
     try:

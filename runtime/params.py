@@ -35,16 +35,23 @@ DEEPCACHE_SCHEDULES = ("uniform", "quadratic")  # runtime.deepcache.full_steps
 
 
 # -- the model folder -------------------------------------------------------------------------------------------
-def read_json(path: Path) -> dict:
-    """A config file as a dict: a regular file of sane size holding a JSON object, else one clear error."""
+def regular_file(path: Path, missing: str) -> os.stat_result:
+    """The stat of a regular file (a FIFO would hang a read, /dev/zero would never end), else one clear error;
+    `missing` says what an absent file means."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise RuntimeInputError(f"{path.parent}: no {path.name} (not a converted SDXL model folder?)") from None
+        raise RuntimeInputError(f"{path.parent}: no {path.name} ({missing})") from None
     except OSError as e:
         raise RuntimeInputError(f"{path}: unreadable ({e.strerror or e})") from None
-    if not stat.S_ISREG(st.st_mode):  # a FIFO would hang, /dev/zero would never end
+    if not stat.S_ISREG(st.st_mode):
         raise RuntimeInputError(f"{path}: not a regular file")
+    return st
+
+
+def read_json(path: Path) -> dict:
+    """A config file as a dict: a regular file of sane size holding a JSON object, else one clear error."""
+    st = regular_file(path, "not a converted SDXL model folder?")
     if st.st_size > MAX_CONFIG_BYTES:
         raise RuntimeInputError(f"{path}: {st.st_size} bytes, too large for a config file")
     try:
