@@ -430,10 +430,10 @@ def _generate(args, progress: Progress, SDXLPipeline):
 
 
 def main(argv=None) -> int:
-    from runtime.params import ENV_MAX_MEMORY_GB
+    from runtime.memory import ENV_MAX_MEMORY_GB
 
     args = parse_args(argv)
-    if args.max_memory_gb is not None:  # read by the pipeline's memory check (runtime.params.memory_limit)
+    if args.max_memory_gb is not None:  # read by the pipeline's memory check (runtime.memory.memory_limit)
         os.environ[ENV_MAX_MEMORY_GB] = str(args.max_memory_gb)
     try:
         from runtime.image import save_npy, save_png

@@ -17,9 +17,10 @@ import openvino as ov
 from runtime.errors import RuntimeInputError
 from runtime.generation import Generation, GenerationResult, PerImage, Refinement, StageCallback, StepState
 from runtime.image import to_uint8
+from runtime.memory import memory_limit
 from runtime.model_cache import default_cache_dir
 from runtime.ov_model import OVModel
-from runtime.params import GenerationParams, ModelInfo, memory_limit
+from runtime.params import GenerationParams, ModelInfo
 from runtime.text import TextEncoder
 from runtime.tokenizer import Tokenizer
 from runtime.vae import Tiles, TinyVAE, choose_tiles, tiled_decode, tiled_encode

@@ -23,8 +23,9 @@ import openvino as ov
 
 from runtime.errors import RuntimeInputError
 from runtime.image import to_uint8
+from runtime.memory import available_memory
 from runtime.ov_model import OVModel
-from runtime.params import ModelInfo, available_memory, read_json
+from runtime.params import ModelInfo, read_json
 
 DECODERS = ("full", "tiny")
 PREVIEWS = ("none", "approx", "tiny")
@@ -288,7 +289,7 @@ def choose_tiles(info: ModelInfo, height: int, width: int, mode: str = "auto", t
     """The tiles a full decode (or encode) of height x width uses, None for none. "on": diffusers' enable_tiling();
     "off": never; "auto": tiled when the untiled decode's activations (decode_bytes, with headroom) exceed the
     memory available now, then with the tile size asked, or the config's halved (down to 256 px) while one tile
-    would not fit either. `available`: bytes (default runtime.params.available_memory(); None: unknown, no tiles)."""
+    would not fit either. `available`: bytes (default runtime.memory.available_memory(); None: unknown, no tiles)."""
     if mode == "off":
         return None
     tiles = Tiles.of(info, tile_size)
