@@ -4,8 +4,11 @@ DEMO := .cache/demo
 
 .PHONY: setup demo test test-fast lint fmt bench-convert
 
-setup:  ## build-time + dev install (torch CPU build from this machine's disk), the CLIP vocabulary wheel
-	$(PY) -m pip install -q -e '.[convert,dev]'
+setup:  ## build-time + dev + serve install (torch CPU build from this machine's disk), chromium, the CLIP vocabulary wheel
+	$(PY) -m pip install -q -e '.[convert,dev,serve]'
+	@# the page's browser test: Debian's chromium and its driver (browsers fetched by playwright cannot be here)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
 
 demo: setup  ## tiny random-weight SDXL -> OpenVINO -> demo.png

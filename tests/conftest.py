@@ -24,7 +24,8 @@ FAST: dict[str, str | set[str]] = {
     "test_text2img.py": {"test_text2img_parity[negative-given]"},
     "test_generate_cli.py": {"test_bad_inputs"},
     "test_pipeline_api.py": {"test_parameters_are_validated_once", "test_parameters_are_typed_and_frozen"},
-    "test_torch_free.py": {"test_imports_are_torch_free"},
+    "test_torch_free.py": {"test_imports_are_torch_free", "test_base_import_path_has_no_extras"},
+    "test_serve.py": {"test_bad_requests_get_a_4xx_with_a_reason"},  # a live server; one-line 4xx reasons
 }
 
 

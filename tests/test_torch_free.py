@@ -59,13 +59,28 @@ def test_generate_in_torch_free_venv(venv_python, tiny, tmp_path):
 @pytest.mark.parametrize("package", ["runtime", "schedulers"])
 def test_imports_are_torch_free(package):
     """Static check of every import in runtime/ and schedulers/."""
-    allowed = {"numpy", "openvino", "openvino_tokenizers", "PIL", "runtime", "schedulers"}
+    allowed = {"numpy", "openvino", "openvino_tokenizers", "PIL", "runtime", "schedulers", "safetensors"}
     allowed |= set(sys.stdlib_module_names)
     for path in (ROOT / package).rglob("*.py"):
         tree = ast.parse(path.read_text())
+        rel = path.relative_to(ROOT).as_posix()
+        extra = set().union(*(names for prefix, names in OPTIONAL.items() if rel.startswith(prefix)))
         for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module]
             for name in names:
-                assert name.split(".")[0] in allowed, f"{path.relative_to(ROOT)} imports {name}"
+                assert name.split(".")[0] in allowed | extra, f"{rel} imports {name}"
+
+
+# optional extras, and the only places that may import them (never torch & co.)
+OPTIONAL = {"runtime/serve/": {"starlette", "uvicorn", "multipart", "python_multipart"}}
+
+
+def test_base_import_path_has_no_extras():
+    """`import runtime`, the pipeline and the CLI never load an optional extra (the server's web stack, ray)."""
+    extras = sorted(set().union(*OPTIONAL.values()) | {"ray"})
+    code = "import sys, runtime, runtime.pipeline, runtime.generate, schedulers; "
+    code += f"print([m for m in {extras!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
