@@ -58,7 +58,7 @@ def _copy_project(tmp: Path) -> Path:
     out.mkdir()
     for name in ("pyproject.toml", meta["project"]["readme"]):
         shutil.copy2(ROOT / name, out / name)
-    for package in meta["tool"]["setuptools"]["packages"]:
+    for package in dict.fromkeys(p.split(".")[0] for p in meta["tool"]["setuptools"]["packages"]):  # with subpackages
         shutil.copytree(ROOT / package, out / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return out
 
