@@ -79,9 +79,16 @@ def encode_prompt(
     do_cfg: bool,
     force_zeros_for_empty_prompt: bool,
     clip_skip: int | None,
+    prompt_syntax: str = "plain",
 ) -> PromptEmbeds:
     """encoders: [text_encoder, text_encoder_2] (base) or [text_encoder_2] (refiner). With one encoder,
-    diffusers feeds it `prompt` (its zip stops at the first pair), so we do too."""
+    diffusers feeds it `prompt` (its zip stops at the first pair), so we do too. prompt_syntax "compel" or
+    "a1111": weights and long prompts as compel's CompelForSDXL (runtime.weighting)."""
+    if prompt_syntax != "plain":
+        from runtime.weighting import embeds_for
+
+        return embeds_for(encoders, prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt,
+                          do_cfg, force_zeros_for_empty_prompt, clip_skip, prompt_syntax)  # fmt: skip
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     batch = len(prompts)
     prompts_2 = _as_list(prompt_2, batch, "prompt_2") or prompts

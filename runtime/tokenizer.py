@@ -65,15 +65,35 @@ class Tokenizer:
         finally:
             self._truncation.state = ov.Tensor(np.array(True))
 
-    def decode(self, ids) -> str:
-        """CLIP byte-level BPE ids -> text, from the folder's vocab.json ('' without one).
-        # ref: transformers CLIPTokenizer.convert_tokens_to_string, bytes_to_unicode"""
+    def id_to_token(self) -> dict[int, str]:
+        """vocab.json's id -> token string ('.</w>', ...), {} without one (transformers' convert_ids_to_tokens)."""
         if self._decoder is None:
             try:
                 vocab = json.loads(self._vocab_path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 vocab = {}
             self._decoder = {int(i): tok for tok, i in vocab.items()} if isinstance(vocab, dict) else {}
+        return self._decoder
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids with BOS and EOS, neither truncated nor padded (compel's truncate=False tokenizing)."""
+        if not texts:
+            return []
+        with self._lock:
+            if self._truncation is not None:
+                ids, mask = self._untruncated(list(texts))
+            else:
+                out = self._request.infer([np.array(list(texts), dtype=np.str_)])
+                mask = next((v for k, v in out.items() if "attention_mask" in k.names), None)
+                ids = out[INPUT_IDS].astype(np.int64)
+        if mask is None:
+            raise RuntimeInputError("the tokenizer model has no attention_mask output (needed for prompt weighting)")
+        return [[int(i) for i in row[: int(m.sum())]] for row, m in zip(ids, mask, strict=True)]
+
+    def decode(self, ids) -> str:
+        """CLIP byte-level BPE ids -> text, from the folder's vocab.json ('' without one).
+        # ref: transformers CLIPTokenizer.convert_tokens_to_string, bytes_to_unicode"""
+        self.id_to_token()
         printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
         byte_of = {chr(b): b for b in printable}
         rest = (b for b in range(256) if b not in byte_of.values())
