@@ -46,9 +46,9 @@ def trace_component(source: dict, name: str, tmp: Path, weight_format: str, pool
         specs = {"text_encoder_2": wrappers.text_encoder_2_spec(model)}
         facts["pooled_dim"] = model.config.projection_dim
     elif name == "unet":
-        if model.config.in_channels != 4:
+        if model.config.in_channels not in (4, 9):
             raise ConvertError(f"{src.location}: UNet has {model.config.in_channels} input channels; "
-                               "only 4 (text-to-image) is supported")  # fmt: skip
+                               "4 (text-to-image) or 9 (inpainting) are supported")  # fmt: skip
         specs = {"unet": wrappers.unet_spec(model, pooled_dim, timestep_dtype=timestep_dtype)}
     else:
         specs = {"vae_encoder": wrappers.vae_encoder_spec(model), "vae_decoder": wrappers.vae_decoder_spec(model)}
