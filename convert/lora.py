@@ -28,24 +28,14 @@ from typing import TYPE_CHECKING
 
 from convert.errors import ConvertError
 
+# the file formats (keys, roles, SGM names) are the runtime's: one reading of a LoRA file for both
+from runtime.lora import _to_sgm
+from runtime.lora_files import COMPONENTS, _classify
+
 if TYPE_CHECKING:
     import torch
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 SHOWN = {"unet": "the UNet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
-KOHYA = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
-KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-DIFFUSERS_ROLES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora.down.weight": "down",
-                   ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
-                   ".lora_linear_layer.up.weight": "up", "_lora.down.weight": "down",
-                   "_lora.up.weight": "up"}  # fmt: skip
-# old attention-processor LoRAs (`attn1.processor.to_q_lora`) -> (UNet module, CLIP module)
-OLD_PROCESSOR = {"to_q_lora": ("to_q", "q_proj"), "to_k_lora": ("to_k", "k_proj"), "to_v_lora": ("to_v", "v_proj"),
-                 "to_out_lora": ("to_out.0", "out_proj")}  # fmt: skip
-# ref: diffusers lora_conversion_utils._convert_unet_lora_key: the SGM ResnetBlock's layers -> diffusers' ResnetBlock2D
-SGM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
-              "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}  # fmt: skip
-TO_SGM_RESNET = {v: k for k, v in SGM_RESNET.items()}
 
 
 @dataclass
@@ -65,27 +55,6 @@ class LoraFile:
     path: Path
     layers: list[Layer]  # in key order
     metadata: dict  # diffusers' lora_adapter_metadata (peft LoraConfig fields, prefixed by component), or {}
-
-
-def _classify(key: str) -> tuple[str, str, bool, str | None] | None:
-    """key -> (component, module, kohya?, role or None if not a LoRA weight we fuse), None if it names no component."""
-    for prefix, component in KOHYA.items():
-        if key.startswith(prefix):
-            module, _, rest = key[len(prefix) :].partition(".")
-            return component, module, True, KOHYA_ROLES.get(rest)
-    component, _, rest = key.partition(".")
-    if component not in COMPONENTS:
-        return None
-    for suffix, role in DIFFUSERS_ROLES.items():
-        if rest.endswith(suffix):
-            module = rest[: -len(suffix)]
-            if suffix.startswith("_lora"):  # <attn>.processor.to_q_lora
-                parent, _, old = (module + "_lora").replace(".processor.", ".").rpartition(".")
-                if old not in OLD_PROCESSOR:
-                    return component, module, False, None
-                module = f"{parent}.{OLD_PROCESSOR[old][component != 'unet']}"
-            return component, module, False, role
-    return component, rest, False, None
 
 
 def read_lora(path: Path) -> LoraFile:
@@ -210,17 +179,6 @@ def _sgm_prefixes(unet) -> dict[str, str]:
                 m[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{i}.{2 if attentions else 1}.conv"
             i += 1
     return m
-
-
-def _to_sgm(name: str, prefixes: dict[str, str]) -> str | None:
-    parts = name.split(".")
-    for n in range(len(parts), 0, -1):
-        head, tail = ".".join(parts[:n]), ".".join(parts[n:])
-        if head in prefixes:
-            if ".resnets." in head:
-                tail = TO_SGM_RESNET.get(tail, tail)
-            return prefixes[head] + (f".{tail}" if tail else "")
-    return None
 
 
 class Modules:

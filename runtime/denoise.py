@@ -71,6 +71,7 @@ class _Calls:
         for request in (self.full, self.shallow):
             if request is None:
                 continue
+            self._lora = unet.bind_lora(request)  # the active LoRA adapters' tensors, kept while this runs
             names = {n for p in request.model_inputs for n in p.get_names()}
             for k in inputs:  # set once; per step only sample and timestep change
                 if k in names:

@@ -173,6 +173,7 @@ class OVModel:
         self._lock = threading.RLock()
         self._users = 0  # callers running on one of the compiled models: trim/release wait for none
         self.call_seconds: deque[float] = deque(maxlen=256)  # request.infer seconds of the last __call__s
+        self.lora = None  # runtime.lora.ModelAdapters: while adapters are active, compiles add their LoRA branches
 
     @staticmethod
     def _key(shapes: dict[str, tuple[int, ...]]) -> tuple:
@@ -180,6 +181,16 @@ class OVModel:
 
     def compile(self, shapes: dict[str, tuple[int, ...]]) -> ov.CompiledModel:
         """The compiled model for these static input shapes (reshape + compile on first use)."""
+        if self._lora_tag() is not None:  # LoRA adapters loaded: the IR with their branches (runtime.lora)
+            tag = self._lora_tag()
+            compiled = self.compile_derived(shapes, "", lambda model: {"lora": model})["lora"]
+            shape_key = self._key(shapes)
+            with self._lock:  # one compiled copy of the weights: the plain model and older LoRA variants go
+                for key in [k for k in self._compiled if k == shape_key or (
+                        k[1:] == shape_key and "+lora-" in str(k[0]) and tag not in str(k[0]))]:  # fmt: skip
+                    self._compiled.pop(key, None)
+                    self._idle.pop(key, None)
+            return compiled
         key = self._key(shapes)
         with self._lock:
             compiled = self._compiled.get(key)
@@ -209,6 +220,8 @@ class OVModel:
         """Models derived from this IR by graph surgery (DeepCache's), compiled once per (tag, shapes) and cached
         beside the plain ones (same LRU, trim and release). derive(model) gets the IR read once and reshaped to
         these static shapes and returns the models to compile by name; they may share its nodes and weights."""
+        if self._lora_tag() is not None:  # LoRA adapters active: each derived model gets their branches
+            tag, derive = tag + self._lora_tag(), self.lora.wrap(derive)
         shape_key = self._key(shapes)
         with self._lock:
             names = self._derived.get((tag, shape_key), ())
@@ -242,6 +255,8 @@ class OVModel:
     def forget(self, shapes: dict[str, tuple[int, ...]], tag: str | None = None) -> None:
         """Drop the compiled model(s) of these shapes (compile_derived's of `tag`) from the cache: their memory
         goes with the last infer request that still holds them (a low-memory generation that changes shape)."""
+        if self._lora_tag() is not None:  # LoRA adapters active: their variant of these shapes (compile's)
+            tag = (tag or "") + self._lora_tag()
         shape_key = self._key(shapes)
         with self._lock:
             names = self._derived.pop((tag, shape_key), ()) if tag is not None else ()
@@ -265,18 +280,30 @@ class OVModel:
     @contextmanager
     def request(self, shapes: dict[str, tuple[int, ...]]) -> Iterator[ov.InferRequest]:
         """An infer request for these shapes that no other caller uses until the block ends."""
-        key = self._key(shapes)
+        lora = self._lora_tag()
+        key = self._key(shapes) if lora is None else (("~derived", lora, "lora"), *self._key(shapes))
         with self.in_use():
             compiled = self.compile(shapes)
             with self._lock:
                 pool = self._idle.get(key)
                 request = pool.pop() if pool else compiled.create_infer_request()
+            tensors = self.bind_lora(request)  # noqa: F841 -- kept alive while the request runs
             try:
                 yield request
             finally:
                 with self._lock:
                     if self._compiled.get(key) is compiled:  # not dropped or recompiled meanwhile
                         self._idle.setdefault(key, []).append(request)
+
+    def _lora_tag(self) -> str | None:
+        """The tag of the LoRA variant while adapters are active (runtime.lora), else None."""
+        lora = self.lora
+        return "+" + lora.tag if lora is not None and lora.active else None
+
+    def bind_lora(self, request: ov.InferRequest) -> dict:
+        """Set a request's LoRA inputs (if its model has them) to the active adapters' tensors; returns them (keep
+        them while the request runs)."""
+        return self.lora.bind(request) if self.lora is not None else {}
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on full inputs; outputs are copies (safe to keep across calls)."""

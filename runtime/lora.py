@@ -1,0 +1,330 @@
+"""LoRA adapters at run time: a LoRA branch grafted onto the compiled UNet / text encoders, switched by tensors.
+
+Design (measured, see README "LoRA at run time" and the figures in the issue's report):
+- No adapter loaded (or all unloaded): the plain compiled model runs, as before (nothing grafted, nothing set).
+- The first generation after a load compiles each model once more from its IR with, for every layer a
+  loaded adapter targets, a branch beside it, like openvino.genai's dynamic adapters (src/cpp/src/lora/adapter.cpp,
+  which feeds A and B from ReadValue state variables): a Linear's MatMul output gets `+ (x @ A^T) @ B^T`, a
+  Convolution's gets `+ conv1x1(conv(x, A), B)` (A with the layer's own kernel, strides and pads: LoCon). Here A
+  and B are extra Parameters of the compiled model, `lora_a.N` [r, in(, kh, kw)] and `lora_b.N` [out, r(, 1, 1)]:
+  an input tensor can share one numpy buffer between all infer requests (a state is copied into each request).
+  A Linear's rank dimension is dynamic; a convolution's is static, the sum of its loaded adapters' ranks (the CPU
+  plugin refuses a convolution with dynamic weight shapes), zero-padded for the adapters not active.
+- Switching adapters (set_adapters, weights, disable/enable) only sets those inputs' tensors: several adapters
+  are concatenated along the rank, each one's alpha/rank x adapter weight folded into its columns of B, so the
+  branch is exactly peft's sum over active adapters of lora_B(lora_A(x)) * scaling (ref: peft
+  tuners.lora.layer.Linear.forward / Conv2d.forward, unmerged). A grafted layer no active adapter targets gets a
+  rank-1 zero pair. No recompilation: the tensors are shared (numpy buffers, no copy) by every infer request.
+  Adapters disabled or none active: zero tensors on the same compiled model (x + 0: the plain model's output),
+  whose plain compiled twin is dropped when it compiles: one compiled copy of the weights, not two.
+- A file targeting a layer not grafted yet makes the next generation compile the model once more (the union of
+  the loaded adapters' layers; LoRAs of a model family target the same layers, so in practice once).
+- Weight-compressed folders (int8/int4) take adapters the same way: the branch reads the layer's input and adds
+  to its output; the compressed weight is untouched.
+Measured (benchmarks/lora_runtime.py --genai, the mid-size model, 512x512, bf16 hint, a rank-16 PEFT LoRA on the
+attention and feed-forward layers, 2 CPU cores shared with other jobs, min of 3-4 interleaved rounds; two runs):
+a UNet call 0.268 / 0.215 s plain, 0.284 / 0.228 s with the adapter, 0.250 / 0.299 s fused at conversion,
+openvino.genai's run-time adapter 0.467 / 0.342 s on the same model and LoRA (0.229 / 0.215 s without);
+set_adapters 3-4 ms against a 2-4 s cold UNet compile. Real-size random-weight SDXL base (--folder, fp16 folder,
+rank-64 LoRA on the 700 attention/feed-forward layers, one pipeline, plain first, then active; two runs): a step
+13.9 / 12.9 s plain, 11.1 / 11.6 s active (the machine's noise), set_adapters 0.13-0.14 s against a 19-22 s cold
+UNet compile (LoRA variant 23-24 s, once), 1.0 GiB RSS per loaded adapter. On the mid-size model the first
+generation after the first load compiles the variant (5.5 s with the text encoders and two steps).
+The branch is added after the layer's bias Add, so that MatMul/Convolution + bias stay one fused op (measured 0.185
+vs 0.207 s before it, noisy). Static ranks for Linear layers too (the sum of the loaded adapters' ranks) measured
+about the same as dynamic ones (0.358 vs 0.357 s, then 0.200 vs 0.206 s against 0.191 s plain), so they stay
+dynamic: no zero padding for loaded adapters that are not active, and loading a file whose layers are Linear ones
+already grafted compiles nothing (a convolution's rank grows: one more compile; `ModelAdapters.static_linear` makes
+Linear ranks static too).
+The alternative, weights rebuilt per switch (W + B @ A, as at conversion), needs a recompile of the UNet at every
+switch (constants are compiled in), which the run-time design exists to avoid.
+Layers are found by the module path in the IR's node names (`__module.model.down_blocks.1...to_q/aten::linear`,
+as torch tracing writes them for our converter and optimum-cli).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+
+import numpy as np
+import openvino as ov
+
+from runtime.errors import RuntimeInputError
+from runtime.lora_files import Layer, LoraFile
+
+SHOWN = {"unet": "the UNet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+# torch's linear/conv as traced (`ov_ext::linear`: the converter's fp16 linear extension)
+_OP = re.compile(r"/(?:aten|ov_ext)::(linear|_convolution|conv2d)/(MatMul|Convolution)$")
+# ref: diffusers lora_conversion_utils._convert_unet_lora_key: the SGM ResnetBlock's layers -> diffusers' names
+TO_SGM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+
+
+def _module_path(friendly: str) -> str:
+    path = friendly.split("/", 1)[0].removeprefix("__module.")
+    return path.removeprefix("model.")
+
+
+def targets(model: ov.Model, component: str) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """canonical module -> (node friendly name, "linear" | "conv", weight shape [out, in(, kh, kw)]) for every
+    Linear/Conv2d of the IR whose weight is a constant (plain or decompressed)."""
+    found: dict[str, tuple[str, str, tuple[int, ...]] | None] = {}
+    for op in model.get_ops():
+        m = _OP.search(op.get_friendly_name())
+        if m is None or not op.input(1).get_partial_shape().is_static:
+            continue
+        shape = tuple(op.input(1).get_partial_shape().to_shape())
+        if op.get_type_name() == "MatMul":
+            attrs = op.get_attributes()
+            if attrs.get("transpose_a") or len(shape) != 2:
+                continue
+            shape = shape if attrs.get("transpose_b") else shape[::-1]
+            kind = "linear"
+        else:
+            if len(shape) != 4:
+                continue
+            kind = "conv"
+        name = _canonical(_module_path(op.get_friendly_name()), component)
+        found[name] = None if name in found else (op.get_friendly_name(), kind, shape)  # None: ambiguous
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def _canonical(name: str, component: str) -> str:
+    # transformers 5 drops `text_model.` from CLIPTextModel; LoRA files have it or not, depending on their writer
+    return name.removeprefix("text_model.") if component != "unet" else name
+
+
+def _sgm_prefixes(modules) -> dict[str, str]:
+    """diffusers UNet module path -> the original (SGM) UNet's, numbered block by block from the module paths.
+    ref: diffusers lora_conversion_utils._maybe_map_sgm_blocks_to_diffusers (same numbers for SDXL's layout)"""
+    has = set()
+    for name in modules:
+        parts = name.split(".")
+        for n in range(1, len(parts) + 1):
+            has.add(".".join(parts[:n]))
+    m = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+         "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+         "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+
+    def count(prefix):
+        return sum(1 for k in range(64) if f"{prefix}.{k}" in has)
+
+    i = 1
+    for b in range(count("down_blocks")):
+        for j in range(count(f"down_blocks.{b}.resnets")):
+            m[f"down_blocks.{b}.resnets.{j}"] = f"input_blocks.{i}.0"
+            m[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{i}.1"
+            i += 1
+        if f"down_blocks.{b}.downsamplers.0.conv" in has:
+            m[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{i}.0.op"
+            i += 1
+    parts = [f"resnets.{k}" for k in range(count("mid_block.resnets"))]
+    for k in range(count("mid_block.attentions")):
+        parts.insert(2 * k + 1, f"attentions.{k}")
+    m.update({f"mid_block.{p}": f"middle_block.{k}" for k, p in enumerate(parts)})
+    i = 0
+    for b in range(count("up_blocks")):
+        n = count(f"up_blocks.{b}.resnets")
+        attentions = count(f"up_blocks.{b}.attentions") > 0
+        for j in range(n):
+            m[f"up_blocks.{b}.resnets.{j}"] = f"output_blocks.{i}.0"
+            m[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{i}.1"
+            if j == n - 1 and f"up_blocks.{b}.upsamplers.0.conv" in has:
+                m[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{i}.{2 if attentions else 1}.conv"
+            i += 1
+    return m
+
+
+def _to_sgm(name: str, prefixes: dict[str, str]) -> str | None:
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        head, tail = ".".join(parts[:n]), ".".join(parts[n:])
+        if head in prefixes:
+            if ".resnets." in head:
+                tail = TO_SGM_RESNET.get(tail, tail)
+            return prefixes[head] + (f".{tail}" if tail else "")
+    return None
+
+
+class Modules:
+    """The LoRA-targetable layers of one component's IR, found by the names LoRA files give them."""
+
+    def __init__(self, component: str, model: ov.Model):
+        self.component = component
+        self.table = targets(model, component)
+        flat: dict[str, str | None] = {}
+        sgm = _sgm_prefixes(self.table) if component == "unet" else {}
+        for name in self.table:
+            for alias in (name, _to_sgm(name, sgm) if sgm else None):
+                if alias is not None:
+                    a = alias.replace(".", "_")
+                    flat[a] = None if flat.get(a, name) != name else name  # None: ambiguous
+        self.flat = flat
+
+    def find(self, layer: Layer) -> str | None:
+        if layer.kohya:
+            module = layer.module if self.component == "unet" else layer.module.removeprefix("text_model_")
+            return self.flat.get(module)
+        return _canonical(layer.module, self.component) if _canonical(layer.module, self.component) in self.table \
+            else None  # fmt: skip
+
+    def plan(self, lora: LoraFile) -> dict[str, Layer]:
+        """module -> layer for this component's layers of the file; one line naming the first that does not fit."""
+        out: dict[str, Layer] = {}
+        for layer in lora.layers:
+            if layer.component != self.component:
+                continue
+            module = self.find(layer)
+            if module is None:
+                raise RuntimeInputError(f"{lora.path}: layer '{layer.key}' matches no layer of {SHOWN[self.component]} "
+                                        f"({layer.module}): a LoRA for another model?")  # fmt: skip
+            _, kind, shape = self.table[module]
+            fits = layer.down.ndim == len(shape) and tuple(layer.down.shape[1:]) == shape[1:]
+            fits = fits and layer.up.shape[0] == shape[0]
+            if not fits:
+                raise RuntimeInputError(
+                    f"{lora.path}: layer '{layer.key}' does not fit {SHOWN[self.component]}'s {module} (weight "
+                    f"{list(shape)}; down {list(layer.down.shape)}, up {list(layer.up.shape)})"
+                )
+            out[module] = layer
+        return out
+
+
+def _is_constant(output) -> bool:
+    node = output.get_node()
+    while node.get_type_name() in ("Convert", "Reshape", "Unsqueeze", "Squeeze"):
+        node = node.input(0).get_source_output().get_node()
+    return node.get_type_name() == "Constant"
+
+
+def _after_bias(node: ov.Node) -> ov.Node:
+    """The layer's bias Add (its one consumer, adding a constant), else the layer itself."""
+    targets = list(node.output(0).get_target_inputs())
+    if len(targets) == 1:
+        add = targets[0].get_node()
+        if add.get_type_name() == "Add" and add.get_output_size() == 1:
+            other = add.input(1 - targets[0].get_index()).get_source_output()
+            if _is_constant(other):
+                return add
+    return node
+
+
+def graft(model: ov.Model, table: dict, modules: list[str], conv_rank: dict[str, int]) -> ov.Model:
+    """Add a LoRA branch to each of `modules` (in place): Parameters lora_a.N / lora_b.N, N = index in `modules`;
+    a Linear's rank dimension is dynamic, a convolution's static (conv_rank: OpenVINO's CPU plugin refuses a
+    convolution with a dynamic weight shape)."""
+    ops = {op.get_friendly_name(): op for op in model.get_ops()}
+    params = []
+    for n, module in enumerate(modules):
+        friendly, kind, shape = table[module]
+        node = ops.get(friendly)
+        if node is None:  # not in this (derived) model: DeepCache's shallow branch runs without it
+            continue
+        x = node.input(0).get_source_output()
+        et = x.get_element_type()
+        anchor = _after_bias(node)  # add after the bias: the layer's MatMul/Convolution + bias stay one fused op
+        consumers = list(anchor.output(0).get_target_inputs())
+        r = conv_rank.get(module, -1)  # -1: dynamic
+        a = ov.opset13.parameter(ov.PartialShape([r, *shape[1:]]), et, name=f"lora_a.{n}")
+        b = ov.opset13.parameter(ov.PartialShape([shape[0], r, *[1] * (len(shape) - 2)]), et, name=f"lora_b.{n}")
+        for p in (a, b):
+            p.output(0).get_tensor().set_names({p.get_friendly_name()})
+        if kind == "linear":
+            branch = ov.opset13.matmul(ov.opset13.matmul(x, a, False, True), b, False, True)
+        else:
+            at = node.get_attributes()
+            down = ov.opset13.convolution(x, a, at["strides"], at["pads_begin"], at["pads_end"], at["dilations"],
+                                          at["auto_pad"])  # fmt: skip
+            branch = ov.opset13.convolution(down, b, [1, 1], [0, 0], [0, 0], [1, 1])
+        added = ov.opset13.add(anchor.output(0), branch)
+        for target in consumers:
+            target.replace_source_output(added.output(0))
+        params += [a, b]
+    model.add_parameters(params)
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+class ModelAdapters:
+    """One OVModel's LoRA state: the grafted layers and the tensors of the active adapter set."""
+
+    static_linear = False  # Linear layers with a static rank too (measured: see the module's docstring)
+
+    def __init__(self, ov_model, component: str):
+        self.ov_model, self.component = ov_model, component
+        self._modules: Modules | None = None
+        self.grafted: list[str] = []  # the layers of the compiled LoRA variant, in parameter order
+        self.conv_rank: dict[str, int] = {}  # a grafted convolution's rank: the sum of its loaded adapters' ranks
+        self.tensors: dict[str, np.ndarray] = {}  # lora_a.N / lora_b.N of the active set
+        self.active = False
+        self.lock = threading.Lock()
+
+    @property
+    def modules(self) -> Modules:
+        if self._modules is None:
+            from runtime.ov_model import read_ir
+
+            self._modules = Modules(self.component, read_ir(self.ov_model.core, self.ov_model.xml))
+        return self._modules
+
+    @property
+    def tag(self) -> str:
+        layout = [f"{m}:{self.conv_rank.get(m, 0)}" for m in self.grafted]
+        digest = hashlib.sha256("\n".join(layout).encode()).hexdigest()[:12]
+        return f"lora-{digest}"
+
+    def graft(self, model: ov.Model) -> ov.Model:
+        return graft(model, self.modules.table, list(self.grafted), dict(self.conv_rank))
+
+    def wrap(self, derive):
+        return lambda model: {name: self.graft(m) for name, m in derive(model).items()}
+
+    def register(self, plan: dict[str, Layer]) -> None:
+        """A loaded adapter's layers: grafted from the next compile on (convolutions: their rank added)."""
+        with self.lock:
+            known = set(self.grafted)
+            self.grafted += [m for m in sorted(plan) if m not in known]
+            for module, layer in plan.items():
+                if self.modules.table[module][1] == "conv" or self.static_linear:
+                    self.conv_rank[module] = self.conv_rank.get(module, 0) + layer.rank
+
+    def set(self, pairs: list[tuple[dict[str, Layer], float]]) -> None:
+        """The active set: (plan, adapter weight) per adapter; empty: zero tensors (the branches add nothing)."""
+        wanted = sorted({m for plan, _ in pairs for m in plan})
+        with self.lock:
+            missing = [m for m in wanted if m not in set(self.grafted)]
+            if missing:
+                raise RuntimeError(f"LoRA layers set before registered: {missing[:3]}")
+            tensors = {}
+            for n, module in enumerate(self.grafted):
+                downs, ups = [], []
+                for plan, weight in pairs:
+                    layer = plan.get(module)
+                    if layer is not None:  # peft: lora_B(lora_A(x)) * scaling, scaling = alpha / r * weight
+                        downs.append(layer.down)
+                        ups.append(layer.up * np.float32(layer.scaling * weight))
+                shape = self.modules.table[module][2]
+                # a dynamic-rank layer no active adapter targets: a rank-1 zero pair; a static one: zeros to its rank
+                if module in self.conv_rank:
+                    pad = self.conv_rank[module] - sum(map(len, downs))
+                else:
+                    pad = 0 if downs else 1
+                if pad:
+                    downs.append(np.zeros((pad, *shape[1:]), np.float32))
+                    ups.append(np.zeros((shape[0], pad, *[1] * (len(shape) - 2)), np.float32))
+                down = downs[0] if len(downs) == 1 else np.concatenate(downs, axis=0)  # one adapter: no copy
+                tensors[f"lora_a.{n}"] = np.ascontiguousarray(down, np.float32)
+                tensors[f"lora_b.{n}"] = np.ascontiguousarray(np.concatenate(ups, axis=1), np.float32)
+            self.tensors, self.active = tensors, bool(self.grafted)
+
+    def bind(self, request: ov.InferRequest) -> dict[str, np.ndarray]:
+        """Point the request's LoRA inputs at the active set's tensors (shared memory: no copy); returns them
+        (the caller keeps them while it runs the request: a switch meanwhile makes new ones)."""
+        tensors = self.tensors
+        for port in request.model_inputs:
+            name = port.get_any_name()
+            if name.startswith("lora_"):
+                request.set_tensor(port, ov.Tensor(tensors[name], shared_memory=True))
+        return tensors
