@@ -5,7 +5,7 @@ DEMO := .cache/demo
 .PHONY: setup demo test test-fast lint fmt bench-convert
 
 setup:  ## build-time + dev + serve install (torch CPU build from this machine's disk), chromium, the CLIP vocabulary wheel
-	$(PY) -m pip install -q -e '.[convert,dev,serve]'
+	$(PY) -m pip install -q -e '.[convert,dev,serve,ray]'
 	@# the page's browser test: Debian's chromium and its driver (browsers fetched by playwright cannot be here)
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
