@@ -23,16 +23,26 @@ class LiveServer:
         )
         line = self.proc.stdout.readline()
         if not line.startswith("serving "):
-            self.stop()
-            raise RuntimeError(f"the server did not start: {line}{self.proc.stderr.read()}")
+            raise RuntimeError(f"the server did not start: {line}{self.stop()}")
         self.url = line.split(" on ")[1].strip().rstrip("/")
         self.port = int(self.url.rsplit(":", 1)[1])
-        deadline = time.monotonic() + ready_timeout
         headers = {"Authorization": f"Bearer {args[args.index('--api-key') + 1]}"} if "--api-key" in args else {}
-        while self.call("/ready", headers=headers)[0] != 200:
+        try:
+            self._wait_ready(ready_timeout, headers)
+        except BaseException:  # never leave a server behind
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float, headers: dict) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.call("/ready", headers=headers, timeout=10)[0] == 200:
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError("the server did not become ready")
+                raise RuntimeError(f"the server did not become ready: {self.proc.poll()=}")
             time.sleep(0.2)
 
     def call(

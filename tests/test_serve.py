@@ -122,7 +122,7 @@ def test_openai_errors_in_openai_shape(client):
 
 def test_a1111_txt2img_seeds_info_and_cli(server, model_dir, tmp_path):
     body = {
-        "prompt": "a blue door",
+        "prompt": "a (blue:1.2) door",
         "negative_prompt": "rust",
         "seed": 7,
         "batch_size": 2,
@@ -139,34 +139,10 @@ def test_a1111_txt2img_seeds_info_and_cli(server, model_dir, tmp_path):
     assert info["all_seeds"] == [7, 8] and info["sampler_name"] == "DPM++ 2M Karras" and r["parameters"] == body
     assert "Seed: 8" in info["infotexts"][1] and info["sdxl_openvino"][1]["scheduler"] == "dpmpp_2m_karras"
     out = tmp_path / "a.png"
-    proc = cli.run(
-        "runtime.generate",
-        "--model",
-        model_dir,
-        "--output",
-        out,
-        "--quiet",
-        "--prompt",
-        "a blue door",
-        "--negative-prompt",
-        "rust",
-        "--seed",
-        7,
-        "--num-images",
-        2,
-        "--seed-mode",
-        "per-image",
-        "--steps",
-        2,
-        "--guidance-scale",
-        6,
-        "--height",
-        64,
-        "--width",
-        64,
-        "--scheduler",
-        "dpmpp_2m_karras",
-    )
+    flags = "--negative-prompt rust --seed 7 --num-images 2 --seed-mode per-image --steps 2 --guidance-scale 6 "
+    flags += "--height 64 --width 64 --scheduler dpmpp_2m_karras --prompt-syntax a1111"  # A1111's weighting syntax
+    prompt = ["--prompt", "a (blue:1.2) door"]
+    proc = cli.run("runtime.generate", "--model", model_dir, "--output", out, "--quiet", *prompt, *flags.split())
     assert proc.returncode == 0, proc.stderr
     for i, b64 in enumerate(r["images"]):  # A1111's seeds are the CLI's per-image seed mode, byte for byte
         assert _png(b64) == (tmp_path / f"a-{i}.png").read_bytes()
@@ -302,3 +278,84 @@ def test_metrics_in_prometheus_text(server):
     assert server.metric("sdxl_requests_total", route="/sdapi/v1/txt2img", outcome="rejected") >= 1
     assert server.metric("sdxl_image_seconds_count", model="tiny") >= 1
     assert server.metric("sdxl_step_seconds_sum", model="tiny") > 0
+
+
+def test_inpainting_on_both_apis(client, server, model_dir, tmp_path):
+    from runtime.pipeline import SDXLPipeline
+
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    square = np.zeros((64, 64), np.uint8)
+    square[16:40, 24:48] = 255  # white = repaint
+    mask = Image.fromarray(square, "L")
+    rgba = np.full((64, 64, 4), 255, np.uint8)
+    rgba[..., 3] = 255 - square  # OpenAI's mask: transparent = repaint
+    paths = {}
+    for name, im in (("image", image), ("mask", Image.fromarray(rgba, "RGBA"))):
+        paths[name] = tmp_path / f"{name}.png"
+        im.save(paths[name])
+    with open(paths["image"], "rb") as f, open(paths["mask"], "rb") as m:
+        r = client.images.edit(model="tiny", image=f, mask=m, prompt="a window",
+                               extra_body={"strength": 0.8, "num_inference_steps": 3, "rng_seed": 4})  # fmt: skip
+    pipe = SDXLPipeline(model_dir)
+    kw = dict(
+        prompt="a window",
+        image=image,
+        mask_image=mask,
+        strength=0.8,
+        num_inference_steps=3,
+        seed=4,
+        height=64,
+        width=64,
+    )
+    want = pipe(**kw).images[0]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(_png(r.data[0].b64_json)))), want)
+    body = {"init_images": [_b64(image)], "mask": _b64(mask), "prompt": "a window", "denoising_strength": 0.8,
+            "steps": 3, "seed": 4, "mask_blur": 2, "inpaint_full_res": True, "inpaint_full_res_padding": 8,
+            "inpainting_fill": 1}  # fmt: skip
+    status, _, a = server.call("/sdapi/v1/img2img", body)
+    assert status == 200, a
+    want = pipe(**kw, mask_blur=2, padding_mask_crop=8).images[0]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(_png(a["images"][0])))), want)
+    status, _, a = server.call("/sdapi/v1/img2img", dict(body, inpainting_fill=0))
+    assert status == 400 and "inpainting_fill" in a["detail"]
+
+
+def _b64(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_loras_by_name_from_lora_dir(model_dir, tmp_path):
+    """A1111's <lora:NAME:WEIGHT> and the OpenAI route's `loras` resolve NAME in --lora-dir: the CLI's --lora image."""
+    from tests.test_lora import _fresh_pipe, _random_lora, _save_peft
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    ref = _fresh_pipe("base")
+    _save_peft(_random_lora(ref, ("unet", "text_encoder", "text_encoder_2"), seed=21), loras / "ink.safetensors")
+    server = LiveServer("--model", f"tiny={model_dir}", "--lora-dir", loras)
+    try:
+        assert [x["name"] for x in server.call("/sdapi/v1/loras")[2]] == ["ink"]
+        body = {"prompt": "a cat <lora:ink:0.8>", "seed": 3, "steps": 2, "width": 64, "height": 64}
+        status, _, r = server.call("/sdapi/v1/txt2img", body)
+        assert status == 200, r
+        plain = server.call("/sdapi/v1/txt2img", dict(body, prompt="a cat"))[2]
+        body = {"prompt": "a cat", "size": "64x64", "num_inference_steps": 2, "rng_seed": 3, "loras": {"ink": 0.8}}
+        o = server.call("/v1/images/generations", body)[2]
+        assert server.call("/sdapi/v1/txt2img", {"prompt": "x <lora:../ink:1>"})[0] == 400
+        status, _, e = server.call("/v1/images/generations", dict(body, loras={"nope": 1}))
+        assert status == 400 and "unknown LoRA 'nope'" in e["error"]["message"]
+    finally:
+        assert "Traceback" not in server.stop()
+    out = tmp_path / "cli.png"
+    lora = ["--lora", f"{loras / 'ink.safetensors'}:0.8"]
+    proc = cli.run("runtime.generate", "--model", model_dir, "--prompt", "a cat", *lora, "--seed", 3, "--steps", 2,
+                   "--height", 64, "--width", 64, "--output", out, "--quiet")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    want = np.asarray(Image.open(out))
+    png = Image.open(io.BytesIO(_png(r["images"][0])))
+    assert np.array_equal(np.asarray(png), want) and "<lora:ink:0.8>" in png.info["parameters"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(_png(o["data"][0]["b64_json"])))), want)
+    assert not np.array_equal(np.asarray(Image.open(io.BytesIO(_png(plain["images"][0])))), want)  # after: none

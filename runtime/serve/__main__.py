@@ -83,7 +83,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precision", choices=("f32", "bf16", "f16"), default=None)
     ap.add_argument("--cache-dir", default="default", help="OpenVINO's model cache (default: the runtime's)")
     ap.add_argument("--low-memory", action="store_true", help="compile each model per stage and release it after")
+    ap.add_argument("--lora-dir", default=None, help="LoRA files (*.safetensors) requests may name: A1111's "
+                    "<lora:NAME:WEIGHT> in a prompt, `loras` on the OpenAI routes")  # fmt: skip
     ap.add_argument("--no-warmup", action="store_true", help="compile at the first request instead of at start")
+    r = ap.add_argument_group("Ray Serve (the [ray] extra)")
+    r.add_argument("--ray", action="store_true", help="deploy on Ray Serve: model replicas over the cluster")
+    r.add_argument("--address", default=None, help="a running Ray cluster (HOST:PORT of its head, or auto); "
+                   "default: start one on this machine, bound to 127.0.0.1")  # fmt: skip
+    r.add_argument("--replicas", type=int, default=1, help="replicas per model (default 1)")
+    r.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas ...")
+    r.add_argument("--max-replicas", type=int, default=None, help="... up to this many, on ongoing requests")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray gives each model replica "
+                   "(its OpenVINO threads; default 1)")  # fmt: skip
     args = ap.parse_args(argv)
     for flag in ("max_size", "max_steps", "max_n", "queue_size"):
         if getattr(args, flag) < 1:
@@ -94,6 +105,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--timeout and --max-body-mb must be positive")
     if not 0 <= args.port < 65536:
         ap.error("--port must be 0..65535")
+    if not args.ray and (args.address or args.min_replicas or args.max_replicas or args.replicas != 1):
+        ap.error("--address, --replicas, --min-replicas and --max-replicas need --ray")
+    if args.replicas < 1 or args.cpus_per_replica <= 0:
+        ap.error("--replicas must be at least 1 and --cpus-per-replica positive")
+    if (args.min_replicas is None) != (args.max_replicas is None):
+        ap.error("--min-replicas and --max-replicas go together")
+    if args.min_replicas is not None and not 1 <= args.min_replicas <= args.max_replicas:
+        ap.error("need 1 <= --min-replicas <= --max-replicas")
     names = [n for n, _ in args.model]
     if len(set(names)) != len(names):
         ap.error(f"--model names must differ: {names}")
@@ -106,6 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args):
     """-> (the app, the Server): every folder loaded (one line on a bad one), a worker per model."""
+    from runtime.errors import RuntimeInputError
     from runtime.pipeline import SDXLPipeline
     from runtime.serve.app import Server, create_app
     from runtime.serve.jobs import ModelWorker
@@ -113,14 +133,20 @@ def build(args):
     from runtime.serve.requests import Limits
 
     limits = Limits(args.max_size, args.max_steps, args.max_n, args.max_body_mb, args.timeout, args.queue_size)
+    from runtime.serve.loras import LoraLibrary
+
+    library = LoraLibrary(args.lora_dir)
+    if args.lora_dir and not library.dir.is_dir():
+        raise RuntimeInputError(f"--lora-dir {args.lora_dir}: not a folder")
     metrics, workers = Metrics(), {}
     for name, path in args.model:
         pipe = SDXLPipeline(path, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                             low_memory=args.low_memory, refiner=args.refiner.get(name))  # fmt: skip
         if args.preview == "tiny":
             pipe.tiny_vae.require()
-        workers[name] = ModelWorker(name, pipe, args.queue_size, metrics)
+        workers[name] = ModelWorker(name, pipe, args.queue_size, metrics, library)
     server = Server(workers, limits, metrics, args.api_key, args.preview)
+    server.loras = library
     server.refiners = {model: Path(path.rstrip("/")).name for model, path in args.refiner.items()}
     return create_app(server, args.cors_origin), server
 
@@ -129,6 +155,10 @@ def main(argv=None) -> int:
     from runtime.errors import RuntimeInputError
 
     args = parse_args(argv)
+    if args.ray:
+        from runtime.serve.ray_deploy import main as ray_main
+
+        return ray_main(args)
     try:
         import uvicorn
     except ImportError:

@@ -25,6 +25,7 @@ from runtime.params import GenerationParams
 from runtime.serve import requests as rq
 from runtime.serve.app import Server, json_body, pngs_b64
 from runtime.serve.jobs import Job
+from runtime.serve.loras import from_prompt
 from runtime.serve.requests import ApiError, bad
 
 UNSUPPORTED = {  # field: (the value that means "off", what it is)
@@ -33,7 +34,6 @@ UNSUPPORTED = {  # field: (the value that means "off", what it is)
     "tiling": (False, "tiling"),
     "script_name": (None, "scripts"),
     "subseed_strength": (0, "variation seeds"),
-    "mask": (None, "inpainting"),
 }
 
 
@@ -48,7 +48,7 @@ def _model_name(server: Server, body: dict) -> str:
     return server.worker(name, "sd_model_checkpoint").name
 
 
-def _kwargs(server: Server, body: dict, img2img: bool) -> tuple[dict, int]:
+def _kwargs(server: Server, body: dict, img2img: bool) -> tuple[dict, int, list | None]:
     lim = server.limits
     for key, (off, what) in UNSUPPORTED.items():
         if body.get(key, off) not in (off, None, False, 0, ""):
@@ -67,8 +67,11 @@ def _kwargs(server: Server, body: dict, img2img: bool) -> tuple[dict, int]:
     name = body.get("sampler_name") or body.get("sampler_index")
     override = body.get("override_settings") or {}
     clip_stop = rq.integer(override, "CLIP_stop_at_last_layers", 1, 12, None, "CLIP_stop_at_last_layers")
+    prompt, loras = rq.text(body, "prompt") or "", None
+    if server.loras.dir is not None:  # A1111's <lora:NAME:WEIGHT> tags, out of the prompt
+        prompt, loras = from_prompt(prompt, server.loras)
     kwargs = dict(
-        prompt=rq.text(body, "prompt") or "",
+        prompt=prompt,
         negative_prompt=rq.text(body, "negative_prompt"),
         num_inference_steps=rq.integer(body, "steps", 1, lim.max_steps),
         guidance_scale=rq.number(body, "cfg_scale", 0.0, 100.0),
@@ -87,7 +90,7 @@ def _kwargs(server: Server, body: dict, img2img: bool) -> tuple[dict, int]:
     switch = rq.number(body, "refiner_switch_at", 0.0, 1.0)
     if body.get("refiner_checkpoint") not in (None, "", "None"):
         worker = server.worker(_model_name(server, body))
-        if worker.pipe.refiner is None or body["refiner_checkpoint"] != server.refiners.get(worker.name):
+        if not worker.has_refiner or body["refiner_checkpoint"] != server.refiners.get(worker.name):
             raise bad(f"refiner_checkpoint {body['refiner_checkpoint']!r}: model {worker.name!r} is served with "
                       f"{server.refiners.get(worker.name) or 'no refiner'}", "refiner_checkpoint")  # fmt: skip
         if switch is not None and 0 < switch < 1:
@@ -101,7 +104,34 @@ def _kwargs(server: Server, body: dict, img2img: bool) -> tuple[dict, int]:
         im = rq.decode_image(images[0], lim, "init_images")
         kwargs["image"] = rq.init_image(im, kwargs.pop("width"), kwargs.pop("height"), lim, "init_images")
         kwargs["strength"] = rq.number(body, "denoising_strength", 0.0, 1.0, 0.75)
-    return kwargs, batch
+        if body.get("mask") not in (None, ""):
+            kwargs.update(_inpainting(body, kwargs["image"], lim))
+    return kwargs, batch, loras
+
+
+def _inpainting(body: dict, image, lim) -> dict:
+    """A1111's inpainting fields -> the library's: mask (white = repaint; inpainting_mask_invert), mask_blur
+    (A1111's default 4), inpaint_full_res (+ inpaint_full_res_padding, default 32) = padding_mask_crop. The masked
+    area starts from the original image (inpainting_fill 1, "original", what diffusers does); A1111's other fills
+    are refused rather than run differently."""
+    fill = rq.integer(body, "inpainting_fill", 0, 3, None)
+    if fill not in (None, 1):
+        raise bad(f"inpainting_fill {fill}: only 1 (original) is supported", "inpainting_fill")
+    mask = rq.decode_image(body["mask"], lim, "mask").convert("L")
+    if mask.size != image.size:
+        mask = mask.resize(image.size, resample=Image.LANCZOS)  # A1111 resizes the mask with the image
+    if rq.integer(body, "inpainting_mask_invert", 0, 1, 0):
+        mask = Image.eval(mask, lambda v: 255 - v)
+    w, h = (x - x % 8 for x in image.size)  # the image's size (diffusers' inpainting defaults to the model's)
+    out = {
+        "mask_image": mask,
+        "mask_blur": rq.number(body, "mask_blur", 0.0, 64.0, 4.0) or None,
+        "width": w,
+        "height": h,
+    }
+    if body.get("inpaint_full_res") in (True, 1):
+        out["padding_mask_crop"] = rq.integer(body, "inpaint_full_res_padding", 0, 1024, 32)
+    return out
 
 
 def _info(outcome, kwargs: dict, model: str, batch: int) -> dict:
@@ -120,6 +150,7 @@ def _info(outcome, kwargs: dict, model: str, batch: int) -> dict:
         "infotexts": [a1111_parameters(q) for q in r.image_parameters], "interrupted": outcome.interrupted,
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "sdxl-openvino",
         "sdxl_openvino": r.image_parameters,  # every setting of each image, as its PNG's JSON chunk
+        "replica": getattr(outcome, "replica", None),  # on Ray Serve: which replica made it
     }  # fmt: skip
 
 
@@ -133,12 +164,12 @@ def routes(server: Server) -> list[Route]:
         async def endpoint(request: Request):
             try:
                 body = await json_body(request)
-                kwargs, batch = _kwargs(server, body, img2img)
+                kwargs, batch, loras = _kwargs(server, body, img2img)
                 worker = server.worker(_model_name(server, body))
             except ApiError:
                 server.metrics.count(route, "rejected")
                 raise
-            job = Job(worker.name, kwargs, "img2img" if img2img else "txt2img")
+            job = Job(worker.name, kwargs, "img2img" if img2img else "txt2img", loras=loras)
             if isinstance(body.get("force_task_id"), str) and 0 < len(body["force_task_id"]) <= 64:
                 job.id = body["force_task_id"]  # what /sdapi/v1/progress?id_task= and the page follow
             try:
@@ -158,6 +189,8 @@ def routes(server: Server) -> list[Route]:
 
     async def progress(request: Request):
         job = server.find(request.query_params.get("id_task"))
+        if job is not None:
+            await server.workers[job.model].refresh(job)
         skip_image = request.query_params.get("skip_current_image", "false").lower() == "true"
         if job is None:
             state = {"skipped": False, "interrupted": False, "job": "", "job_count": 0, "job_timestamp": "0",
@@ -171,7 +204,7 @@ def routes(server: Server) -> list[Route]:
         state = {"skipped": False, "interrupted": job.interrupted, "job": job.kind if job.state == "running" else "",
                  "job_count": queued, "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
                  "job_no": 0, "sampling_step": job.step, "sampling_steps": job.total, "id_task": job.id,
-                 "queue_state": job.state}  # fmt: skip
+                 "replica": job.replica, "queue_state": job.state}  # fmt: skip
         image = None if skip_image else await _preview(job)
         return JSONResponse({"progress": p, "eta_relative": eta, "state": state, "current_image": image,
                              "textinfo": f"step {job.step}/{job.total}" if job.total else job.state})  # fmt: skip
@@ -179,7 +212,7 @@ def routes(server: Server) -> list[Route]:
     async def interrupt(request: Request):
         job = server.find(request.query_params.get("id_task"))
         if job is not None:
-            job.interrupted = True
+            server.workers[job.model].interrupt(job)
         return JSONResponse({})
 
     async def sd_models(request: Request):
@@ -192,6 +225,10 @@ def routes(server: Server) -> list[Route]:
     async def schedulers(request: Request):
         return JSONResponse([{"name": "automatic", "label": "Automatic", "aliases": None},
                              {"name": "karras", "label": "Karras", "aliases": None}])  # fmt: skip
+
+    async def loras(request: Request):  # A1111's list; names only (no server path reaches a client)
+        return JSONResponse([{"name": n, "alias": n, "path": f"{n}.safetensors", "metadata": {}}
+                             for n in server.loras.names()])  # fmt: skip
 
     async def options(request: Request):
         if request.method == "POST":
@@ -214,22 +251,26 @@ def routes(server: Server) -> list[Route]:
         Route("/sdapi/v1/samplers", samplers, methods=["GET"]),
         Route("/sdapi/v1/schedulers", schedulers, methods=["GET"]),
         Route("/sdapi/v1/options", options, methods=["GET", "POST"]),
+        Route("/sdapi/v1/loras", loras, methods=["GET"]),
+        Route("/sdapi/v1/refresh-loras", lambda request: JSONResponse(None), methods=["POST"]),  # listed live
     ]
 
 
-async def _preview(job: Job) -> str | None:
-    """The live preview of a running job's last step (the generation's previewer), as a base64 PNG."""
-    gen, state = job.preview_of, job.last
-    if gen is None or state is None:
+def preview_png(gen, state) -> str | None:
+    """The live preview of a generation's step (its previewer), as a base64 PNG; None when it makes none."""
+    image = gen.preview(state)
+    if image is None:
         return None
+    buf = io.BytesIO()
+    Image.fromarray(np.concatenate(list(image), axis=1)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def _preview(job: Job) -> str | None:
+    """A running job's live preview: made here for a local job, the replica's last one for a remote job."""
     from starlette.concurrency import run_in_threadpool
 
-    def make() -> str | None:
-        image = gen.preview(state)
-        if image is None:
-            return None
-        buf = io.BytesIO()
-        Image.fromarray(np.concatenate(list(image), axis=1)).save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode()
-
-    return await run_in_threadpool(make)
+    gen, state = job.preview_of, job.last
+    if gen is None or state is None:
+        return job.preview_b64
+    return await run_in_threadpool(preview_png, gen, state)

@@ -44,6 +44,9 @@ class Server:
         self.default_model = next(iter(workers))
         self.options: dict = {}  # A1111's /sdapi/v1/options (the checkpoint requests use by default)
         self.refiners: dict[str, str] = {}  # model name -> the name of the refiner it is served with
+        from runtime.serve.loras import LoraLibrary
+
+        self.loras = LoraLibrary(None)  # --lora-dir: the adapters requests may name
 
     def worker(self, name: str | None, param: str = "model") -> ModelWorker:
         if name in (None, ""):
@@ -70,7 +73,15 @@ class Server:
             raise ApiError(429, str(e), None, "queue_full", {"Retry-After": str(e.retry_after)}) from None
         result = asyncio.wrap_future(job.future)
         gone = asyncio.ensure_future(_disconnected(request))
-        done, _ = await asyncio.wait({result, gone}, timeout=self.limits.timeout, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait(
+                {result, gone}, timeout=self.limits.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:  # the request's task cancelled (Ray Serve's proxy: the client went away)
+            worker.withdraw(job, "disconnected")
+            gone.cancel()
+            self.metrics.count(route, "disconnected")
+            raise
         if result not in done:
             reason = "disconnected" if gone in done else "timeout"
             worker.withdraw(job, reason)
@@ -88,6 +99,8 @@ class Server:
             raise ApiError(503, f"the job was cancelled ({e.reason})", None, "cancelled") from None
         except (RuntimeInputError, ValueError, TypeError) as e:
             raise ApiError(400, str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except ApiError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise ApiError(500, f"generation failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                            None, "server_error") from None  # fmt: skip

@@ -22,6 +22,7 @@ import numpy as np
 
 from runtime.errors import RuntimeInputError
 from runtime.serve.metrics import Metrics
+from runtime.serve.requests import ApiError
 
 if TYPE_CHECKING:
     from runtime.generation import GenerationResult
@@ -57,6 +58,10 @@ class Job:
     preview_of: Any = None  # the generation (its preview(state) makes the live preview)
     cancel_reason: str | None = None
     interrupted: bool = False
+    on_step: Any = None  # called with the job after each step (a Ray replica reports progress through it)
+    preview_b64: str | None = None  # a remote job's last preview (runtime.serve.ray_app)
+    replica: str | None = None  # a remote job's replica, HOST:PID
+    loras: list | None = None  # [(name, weight)] to make active before it runs (runtime.serve.loras); None: as is
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
     def cancel(self, reason: str) -> None:
@@ -80,8 +85,9 @@ class Outcome:
 class ModelWorker:
     """One model's queue (at most `queue_size` jobs waiting) and the thread that runs them one at a time."""
 
-    def __init__(self, name: str, pipe: SDXLPipeline, queue_size: int, metrics: Metrics):
+    def __init__(self, name: str, pipe: SDXLPipeline, queue_size: int, metrics: Metrics, loras=None):
         self.name, self.pipe, self.queue_size, self.metrics = name, pipe, queue_size, metrics
+        self.loras, self.loaded_loras = loras, set()  # runtime.serve.loras.LoraLibrary; adapter names loaded
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self.running: Job | None = None
@@ -97,6 +103,16 @@ class ModelWorker:
     def depth(self) -> int:
         with self._cond:
             return len(self._queue)
+
+    @property
+    def has_refiner(self) -> bool:
+        return self.pipe.refiner is not None
+
+    def interrupt(self, job: Job) -> None:
+        job.interrupted = True
+
+    async def refresh(self, job: Job) -> None:
+        """Bring a job's progress up to date (a local job always is)."""
 
     def submit(self, job: Job) -> Job:
         with self._cond:
@@ -167,6 +183,10 @@ class ModelWorker:
             return self._finish(job, "cancelled", exc=Cancelled(job.cancel_reason))
         job.state, job.started = "running", time.perf_counter()
         try:
+            if job.loras is not None and self.loras is not None:
+                from runtime.serve.loras import apply
+
+                apply(self.pipe, self.loras, job.loras, self.loaded_loras)
             gen = self.pipe.generate(**job.kwargs)
             job.total, job.preview_of = gen.total, gen
             t_step = time.perf_counter()
@@ -175,6 +195,8 @@ class ModelWorker:
                 self.metrics.observe_step(self.name, now - t_step)
                 t_step = now
                 job.step, job.total, job.last = state.index + 1, state.total, state
+                if job.on_step is not None:
+                    job.on_step(job)
                 if job.cancel_reason is not None:
                     raise Cancelled(job.cancel_reason)
                 if job.interrupted and job.step < job.total:
@@ -182,7 +204,7 @@ class ModelWorker:
             result = gen.result()
         except Cancelled as e:
             return self._finish(job, "cancelled", exc=e)
-        except (RuntimeInputError, ValueError, TypeError) as e:
+        except (RuntimeInputError, ValueError, TypeError, ApiError) as e:
             return self._finish(job, "failed", exc=e)
         except Exception as e:  # noqa: BLE001 - the server keeps serving; the route answers 500 with a reason
             return self._finish(job, "failed", exc=e)
@@ -203,9 +225,10 @@ class ModelWorker:
     def _finish(self, job: Job, state: str, outcome: Outcome | None = None, exc: BaseException | None = None):
         job.state = state
         job.preview_of = None
-        if job.future.done():
-            return
-        if exc is not None:
-            job.future.set_exception(exc)
-        else:
-            job.future.set_result(outcome)
+        try:
+            if exc is not None:
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(outcome)
+        except concurrent.futures.InvalidStateError:  # its route gave up on it (disconnected, timed out)
+            pass

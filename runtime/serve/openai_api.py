@@ -6,6 +6,7 @@ OpenAI refuses them. Seeds as the CLI's default seed mode ("per-image"): image i
 
 from __future__ import annotations
 
+import json
 import time
 
 from starlette.datastructures import UploadFile
@@ -16,10 +17,11 @@ from starlette.routing import Route
 from runtime.serve import requests as rq
 from runtime.serve.app import Server, json_body, pngs_b64
 from runtime.serve.jobs import Job
+from runtime.serve.loras import from_field
 from runtime.serve.requests import ApiError, bad
 
 EXTENSIONS = ("negative_prompt", "prompt_2", "negative_prompt_2", "num_inference_steps", "guidance_scale", "rng_seed",
-              "strength")  # fmt: skip
+              "strength", "loras")  # fmt: skip
 OPENAI = ("model", "prompt", "n", "size", "response_format", "quality", "style", "user", "output_format",
           "background", "moderation", "output_compression")  # fmt: skip
 EDIT_ONLY = ("image", "image[]", "mask", "input_fidelity")
@@ -34,8 +36,6 @@ def _check_fields(body: dict, allowed: tuple[str, ...]) -> None:
                   "response_format")  # fmt: skip
     if body.get("output_format", "png") not in ("png", None):
         raise bad("output_format must be png", "output_format")
-    if body.get("mask") is not None:
-        raise bad("mask (inpainting) is not supported yet", "mask")
     for key in ("quality", "style", "background", "moderation", "user"):  # accepted for compatibility; no effect
         if body.get(key) is not None and not isinstance(body[key], str):
             raise bad(f"{key} must be a string", key)
@@ -60,9 +60,24 @@ def _kwargs(server: Server, body: dict) -> dict:
     )
 
 
+def _loras(server: Server, body: dict) -> list | None:
+    """The `loras` extension field (JSON, or JSON text in a multipart form); None when the server has no LoRAs."""
+    value = body.get("loras")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise bad("loras must be JSON", "loras") from None
+    if server.loras.dir is None:
+        if value:
+            raise bad("this server has no --lora-dir", "loras")
+        return None
+    return from_field(value, server.loras)
+
+
 async def _respond(server: Server, request: Request, route: str, body: dict, kwargs: dict, kind: str) -> Response:
     worker = server.worker(body.get("model"))
-    job = Job(worker.name, kwargs, kind)
+    job = Job(worker.name, kwargs, kind, loras=_loras(server, body))
     outcome = await server.run(request, worker, job, route)
     if outcome is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
@@ -101,17 +116,26 @@ def routes(server: Server) -> list[Route]:
             try:
                 files = [v for k in ("image", "image[]") for v in form.getlist(k)]
                 body = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile) and k not in EDIT_ONLY}
-                body |= {k: "<file>" for k, v in form.multi_items() if k == "mask"}
                 _check_fields(body, OPENAI + EXTENSIONS + EDIT_ONLY)
                 if len(files) != 1 or not isinstance(files[0], UploadFile):
                     raise bad("send exactly one image file (field image)", "image")
                 data = await files[0].read()
+                masks = form.getlist("mask")
+                if len(masks) > 1 or (masks and not isinstance(masks[0], UploadFile)):
+                    raise bad("mask must be one image file", "mask")
+                mask = await masks[0].read() if masks else None
             finally:
                 await form.close()
             kwargs = _kwargs(server, body)
             im = rq.decode_image(data, server.limits, "image")
             width, height = kwargs.pop("width"), kwargs.pop("height")
             kwargs["image"] = rq.init_image(im, width, height, server.limits, "image")
+            if mask is not None:  # inpainting: the transparent pixels of the mask are repainted
+                m = rq.openai_mask(rq.decode_image(mask, server.limits, "mask"))
+                if m.size != kwargs["image"].size:
+                    raise bad(f"mask is {m.size[0]}x{m.size[1]} but the image is {im.size[0]}x{im.size[1]}", "mask")
+                kwargs["mask_image"] = m
+                kwargs["width"], kwargs["height"] = (x - x % 8 for x in m.size)  # the image's size, not the model's
             strength = rq.number(body, "strength", 0.0, 1.0)
             if strength is not None:  # else the library's img2img default
                 kwargs["strength"] = strength

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from runtime.image import A1111_SAMPLERS
@@ -173,3 +174,12 @@ def init_image(im: Image.Image, width: int | None, height: int | None, limits: L
     if min(w, h) < 64 or max(w, h) > limits.max_size:
         raise bad(f"{param}: {im.size[0]}x{im.size[1]} is outside 64..{limits.max_size} pixels a side", param)
     return im
+
+
+def openai_mask(im: Image.Image) -> Image.Image:
+    """OpenAI's mask: its fully transparent pixels are where the image is edited. An image without alpha is read
+    as diffusers reads a mask (white = repaint)."""
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+        return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
+    return im.convert("L")
