@@ -224,8 +224,11 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with args.results.open("a") as f:
+        from benchmarks.machine import matmul_gflops
+
         rec = {"model": model.name, "size": args.size, "rounds": args.rounds, "calls": args.calls,
-               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "accuracy": acc}  # fmt: skip
+               "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "accuracy": acc,
+               "matmul_gflops": matmul_gflops()}  # fmt: skip
         f.write(json.dumps(rec) + "\n")
     return 0
 

@@ -246,6 +246,9 @@ def main(argv=None) -> int:
                 f.write(json.dumps({"stage": "prepare", **env, **facts}) + "\n")
         return 0
     variants = [v for v in VARIANTS if v[0] in args.variants]
+    from benchmarks.machine import matmul_gflops
+
+    env["matmul_gflops"] = matmul_gflops()  # the day's speed, next to the absolute times
     records = time_all(args.models, args.size, args.rounds, args.calls, variants)
     with RESULTS.open("a") as f:
         for rec in records:

@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         variants.append(over)
     matmul = None
     if not args.no_matmul:
-        code = "import json; from benchmarks.vae_real import matmul_gflops; print(json.dumps(matmul_gflops()))"
+        code = "import json; from benchmarks.machine import matmul_gflops; print(json.dumps(matmul_gflops()))"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # fmt: skip
         if proc.returncode == 0:
             matmul = json.loads(proc.stdout.strip().splitlines()[-1])

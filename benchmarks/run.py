@@ -89,6 +89,7 @@ def parse_args(argv):
     p.add_argument("--guidance-scale", type=float, help="default: the folder's preset (5 for SDXL)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--matmul", type=int, default=4096, help="the day's speed: an N^3 MatMul's GFLOP/s in the records")
     p.add_argument("--out", help="output folder (default benchmarks/out/run-<timestamp>)")
     p.add_argument("--against", default="genai,diffusers,optimum",
                    help="anchors, comma separated: genai (runs genai with dynamic shapes and genai-static), "
@@ -207,6 +208,12 @@ def main(argv=None) -> int:
             log.write(json.dumps(rec) + "\n")
             log.flush()
 
+        from benchmarks.machine import matmul_gflops
+
+        machine = matmul_gflops(args.matmul)  # the day's speed, next to every absolute time of this run
+        bf16, f32 = machine["openvino_bf16"], machine["openvino_f32"]
+        print(f"matmul {args.matmul}^3: OpenVINO {bf16:.0f} bf16 / {f32:.0f} f32 GFLOP/s")
+        emit({"kind": "machine", "matmul_size": args.matmul, "matmul_gflops": machine})
         for arm, why in status.items():
             if why:
                 print(f"{arm}: skipped: {why}")

@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.vae_real import matmul_gflops
+from benchmarks.machine import matmul_gflops
 
 
 def _percentile(values: list[float], q: float) -> float:

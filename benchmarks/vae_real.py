@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.machine import matmul_gflops, seconds
 from benchmarks.memory import run_measured
 
 HERE = Path(__file__).resolve().parent
@@ -52,34 +53,6 @@ def prepare(out: Path = OUT) -> None:
         checked = check(name, out / name, "fp16", facts["params"])
         print(f"{name:17s} {facts['params'] / 1e6:7.2f} M params, max|diff| {checked['max_abs_diff']:.2e} "
               f"(tolerance {checked['tolerance']:.2e})", flush=True)  # fmt: skip
-
-
-def matmul_gflops(n: int = 4096) -> dict:
-    """GFLOP/s of an n^3 MatMul: numpy f32 (its BLAS) and OpenVINO in bf16 and f32, best of 3 each."""
-    import numpy as np
-    import openvino as ov
-    import openvino.opset13 as ops
-
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
-    flop = 2 * n**3
-    out = {}
-    best = min(_seconds(lambda: a @ b) for _ in range(3))
-    out["numpy_f32"] = flop / best / 1e9
-    x = ops.parameter([n, n], ov.Type.f32)
-    model = ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x])
-    for hint in ("bf16", "f32"):
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-        request = compiled.create_infer_request()
-        request.infer({0: a})
-        out[f"openvino_{hint}"] = flop / min(_seconds(lambda r=request: r.infer({0: a})) for _ in range(3)) / 1e9
-    return out
-
-
-def _seconds(fn) -> float:
-    t = now()
-    fn()
-    return now() - t
 
 
 def child(spec: dict) -> dict:
@@ -166,8 +139,8 @@ def generate(spec: dict) -> dict:
     t = now()
     tiny.decode(latents)
     tiny_s = now() - t
-    approx = [_seconds(lambda: vae.approx_rgb(x0)) for _ in range(5)]
-    tiny_preview = [_seconds(lambda: tiny.decode(x0)) for _ in range(3)]
+    approx = [seconds(lambda: vae.approx_rgb(x0)) for _ in range(5)]
+    tiny_preview = [seconds(lambda: tiny.decode(x0)) for _ in range(3)]
     step = statistics.median(steps)
     return {"steps": len(marks), "denoise_s": denoise_s, "steps_s": steps, "step_s": step, "full_decode_s": full_s,
             "tiny_decode_s": tiny_s, "per_image_full_s": denoise_s + full_s, "per_image_tiny_s": denoise_s + tiny_s,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -15,6 +13,10 @@ import numpy as np
 
 from runtime import model_cache
 from runtime.errors import RuntimeInputError
+from runtime.flags import FLAGS, cli_message, png_flags  # noqa: F401 - the CLI's names, re-exported
+from runtime.inpaint_cli import add_arguments as add_inpaint_arguments
+from runtime.inpaint_cli import inpaint_kwargs
+from runtime.progress import Progress
 from schedulers import SCHEDULER_HELP
 
 
@@ -24,16 +26,8 @@ def _prog() -> str:
     return "python -m runtime.generate" if not name or name.endswith(".py") or name == "-c" else name
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    p = argparse.ArgumentParser(
-        prog=_prog(),
-        description="Generate images with an SDXL-family OpenVINO model folder. Defaults are diffusers'.",
-        epilog="schedulers (--scheduler):\n" + SCHEDULER_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", required=True, type=Path, help="model folder written by `python -m convert`")
-    p.add_argument("--prompt", required=True)
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that set a generation, shared with runtime.batch: all but --model, --prompt and the output's."""
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--prompt-2", default=None, help="prompt for text_encoder_2 (default: --prompt)")
     p.add_argument("--negative-prompt-2", default=None)
@@ -66,8 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with that seed; batch: diffusers' noise for the whole batch (a PNG then records its batch size and position)",
     )
     p.add_argument("--scheduler", default=None, help="default: the folder's scheduler_config.json")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a LoRA .safetensors applied at run time (diffusers/PEFT or kohya keys), weight 1 by default; "
+                   "repeat for several (blended as diffusers' set_adapters)")  # fmt: skip
     p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
     p.add_argument("--clip-skip", type=int, default=None)
+    p.add_argument("--prompt-syntax", choices=["plain", "compel", "a1111"], default="plain",
+                   help="plain: the text as written, cut at 77 tokens (diffusers); compel: (words)1.3, word+, "
+                   ".blend(), .and(), long prompts (compel's CompelForSDXL); a1111: (words:1.3), (words), [words], "
+                   "BREAK, long prompts")  # fmt: skip
     p.add_argument("--device", default="CPU")
     p.add_argument("--precision", choices=["f32", "bf16", "f16"], default=None, help="default: the device's")
     p.add_argument(
@@ -77,38 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"${model_cache.ENV_MAX_GB} GiB (default {model_cache.DEFAULT_MAX_BYTES / 2**30:g}) by evicting the least "
         "recently used; list or clear it with `python -m runtime.model_cache list|clear`",
     )
-    p.add_argument(
-        "--output",
-        type=Path,
-        default=Path("image.png"),
-        help=".png (several images: NAME-0.png, NAME-1.png, ...) or .npy (default image.png); an existing file is "
-        "not replaced unless --overwrite",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
-    p.add_argument(
-        "--from-png",
-        type=Path,
-        default=None,
-        metavar="PNG",
-        help="take every parameter from a PNG this tool wrote (its sdxl-openvino chunk), to make it again: "
-        "`--from-png x.png --output y.png`; flags given as well override the PNG's",
-    )
-    p.add_argument(
-        "--batch-pos",
-        type=int,
-        default=None,
-        help="--seed-mode batch: write only image BATCH_POS of the batch (what --from-png sets for a batch's image)",
-    )
-    p.add_argument("--output-type", choices=["image", "latent"], default="image", help="latent: write latents .npy")
-    p.add_argument(
-        "--quiet",
-        action="store_true",
-        help="no progress and no list of written files (progress shows on a terminal only; a random seed is always "
-        "printed)",
-    )
     g = p.add_argument_group("image-to-image and the refiner")
     g.add_argument("--image", type=Path, default=None, help="input image: SDEdit image-to-image")
-    g.add_argument("--strength", type=float, default=0.3, help="img2img strength in [0, 1] (default 0.3)")
+    g.add_argument("--strength", type=float, default=None, help="strength in [0, 1] (default 0.3; inpaint 0.9999)")
     g.add_argument("--refiner", type=Path, default=None, help="a refiner model folder run after the base")
     g.add_argument(
         "--high-noise-frac",
@@ -136,6 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="refuse a size whose estimated memory exceeds this many GiB (default: $SDXL_OPENVINO_MAX_MEMORY_GB, "
         "else the memory available; inf: no check)",
     )
+    add_inpaint_arguments(p)
     c = p.add_argument_group("computing less per image (README: DeepCache and guidance cut-off)")
     c.add_argument(
         "--deepcache-interval",
@@ -187,6 +160,48 @@ def parse_args(argv=None) -> argparse.Namespace:
         "approx (a fixed latent -> RGB projection, 1/8 size) or tiny (the tiny decoder)",
     )
     v.add_argument("--preview-every", type=int, default=1, metavar="K", help="preview every K-th step (default 1)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    p = argparse.ArgumentParser(
+        prog=_prog(),
+        description="Generate images with an SDXL-family OpenVINO model folder. Defaults are diffusers'.",
+        epilog="schedulers (--scheduler):\n" + SCHEDULER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, type=Path, help="model folder written by `python -m convert`")
+    p.add_argument("--prompt", required=True)
+    add_generation_flags(p)
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("image.png"),
+        help=".png (several images: NAME-0.png, NAME-1.png, ...) or .npy (default image.png); an existing file is "
+        "not replaced unless --overwrite",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
+    p.add_argument(
+        "--from-png",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="take every parameter from a PNG this tool wrote (its sdxl-openvino chunk), to make it again: "
+        "`--from-png x.png --output y.png`; flags given as well override the PNG's",
+    )
+    p.add_argument(
+        "--batch-pos",
+        type=int,
+        default=None,
+        help="--seed-mode batch: write only image BATCH_POS of the batch (what --from-png sets for a batch's image)",
+    )
+    p.add_argument("--output-type", choices=["image", "latent"], default="image", help="latent: write latents .npy")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress and no list of written files (progress shows on a terminal only; a random seed is always "
+        "printed)",
+    )
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--from-png", type=Path, default=None)
     source = pre.parse_known_args(argv)[0].from_png
@@ -199,62 +214,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             print(f"error: --from-png {source}: {e}", file=sys.stderr)
             sys.exit(2)
     return p.parse_args(argv)
-
-
-# the JSON chunk's keys (diffusers' names) -> the CLI's flags: --from-png, and the errors the CLI prints
-FLAGS = {
-    "model": "--model", "refiner": "--refiner", "prompt": "--prompt", "prompt_2": "--prompt-2",
-    "negative_prompt": "--negative-prompt", "negative_prompt_2": "--negative-prompt-2", "height": "--height",
-    "width": "--width", "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale",
-    "guidance_rescale": "--guidance-rescale", "num_images_per_prompt": "--num-images", "seed": "--seed",
-    "seed_mode": "--seed-mode", "clip_skip": "--clip-skip", "scheduler": "--scheduler", "image": "--image",
-    "strength": "--strength", "high_noise_frac": "--high-noise-frac", "refiner_strength": "--refiner-strength",
-    "aesthetic_score": "--aesthetic-score", "negative_aesthetic_score": "--negative-aesthetic-score",
-    "device": "--device", "precision": "--precision", "batch_pos": "--batch-pos",
-    "vae_decoder": "--vae-decoder", "vae_tiling": "--vae-tiling", "vae_tile_size": "--vae-tile-size",
-    "preview": "--preview", "preview_every": "--preview-every",
-    "deepcache_interval": "--deepcache-interval", "deepcache_branch": "--deepcache-branch",
-    "deepcache_schedule": "--deepcache-schedule", "deepcache_center": "--deepcache-center",
-    "deepcache_pow": "--deepcache-pow", "guidance_cutoff": "--guidance-cutoff",
-}  # fmt: skip
-# what the CLI cannot set: a PNG that records another value cannot be made again from the command line
-_CLI_DEFAULTS = {
-    "original_size": None, "target_size": None, "negative_original_size": None, "negative_target_size": None,
-    "crops_coords_top_left": [0, 0], "negative_crops_coords_top_left": [0, 0], "denoising_start": None,
-    "denoising_end": None,
-}  # fmt: skip
-
-
-def png_flags(params: dict) -> list[str]:
-    """A PNG's recorded parameters (runtime.image.read_png_parameters) -> the command-line flags that make that
-    image again (`--from-png`); ValueError for what the command line cannot set."""
-    for key, default in _CLI_DEFAULTS.items():
-        value = params.get(key, default)
-        if (list(value) if isinstance(value, (list, tuple)) else value) != default:
-            raise ValueError(f"it records {key}={value!r}, which the command line cannot set (use the Python API)")
-    if not isinstance(params.get("prompt"), str):
-        raise ValueError("it was made from a list of prompts; the command line takes one (use the Python API)")
-    if params.get("image") == "<in-memory image>":
-        raise ValueError("its input image was not a file; pass it with --image")
-    skip = {"height", "width"} if params.get("image") is not None else {"strength"}
-    flags = []
-    for key, flag in FLAGS.items():
-        value = params.get(key)
-        if value is not None and key not in skip and not (key == "refiner_strength" and params.get("high_noise_frac")):
-            flags.append(f"{flag}={value}")  # one token each: values that start with "-" stay values
-    return flags  # batch seed mode: --num-images, --seed-mode batch and --batch-pos make the batch, keep its image
-
-
-_FLAG_NAMES = re.compile(r"(?<![\w-])(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")(?=[=\s,:)]|$)")
-
-
-def cli_message(message: str) -> str:
-    """An error of the library in the CLI's words: `num_inference_steps=0 ...` -> `--steps=0 ...`. Only names
-    that carry a value (`name=`) or an underscore (never prose) are replaced."""
-    return _FLAG_NAMES.sub(
-        lambda m: FLAGS[m.group(1)] if "_" in m.group(1) or message[m.end() : m.end() + 1] == "=" else m.group(1),
-        message,
-    )
 
 
 def _outputs(path: Path, n: int) -> list[Path]:
@@ -297,64 +256,6 @@ def _check_output(args) -> None:
         raise RuntimeInputError(f"{_previews(out)[0]} exists; pass --overwrite to replace previews")
 
 
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds + 0.5), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
-
-
-class Progress:
-    """Stages and denoising steps on one terminal line of stderr: elapsed time, ETA, and it/s counted over the
-    denoising steps only (set-up, compiles and the refiner's encode are left out). Off when disabled (--quiet,
-    or stderr not a terminal)."""
-
-    def __init__(self, enabled: bool, stream=None, clock=time.perf_counter):
-        self.enabled, self.stream, self.clock = enabled, stream or sys.stderr, clock
-        self.t0 = clock()
-        self.denoise_seconds = 0.0  # in the denoise stage, before the current stretch
-        self._denoise_since: float | None = None
-        self._open = False  # a line without its newline yet
-
-    def _write(self, text: str) -> None:
-        self.stream.write(f"\r\033[K{text}")
-        self.stream.flush()
-        self._open = True
-
-    def stage(self, name: str) -> None:
-        if not self.enabled:
-            return
-        now = self.clock()
-        if self._denoise_since is not None:
-            self.denoise_seconds += now - self._denoise_since
-            self._denoise_since = None
-        if name == "denoise":
-            self._denoise_since = now
-        self._write(f"{name} ...  {_clock(now - self.t0)}")
-
-    def step(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        now = self.clock()
-        denoising = self.denoise_seconds + (now - self._denoise_since if self._denoise_since is not None else 0.0)
-        rate = done / denoising if denoising > 0 else 0.0
-        eta = _clock((total - done) / rate) if rate > 0 else "?"
-        bar = "#" * int(30 * done / total)
-        self._write(f"denoise [{bar:<30s}] {done}/{total}  {_clock(now - self.t0)} elapsed, ETA {eta}  {rate:.2f} it/s")
-
-    def note(self, text: str) -> None:
-        """A line that stays (the random seed, a warning), written even when progress is off."""
-        if self.enabled and self._open:
-            self.stream.write("\r\033[K")
-            self._open = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self._open:
-            self.stream.write(f"\r\033[Kdone in {_clock(self.clock() - self.t0)}\n")
-            self.stream.flush()
-            self._open = False
-
-
 def _run(gen, progress: Progress, previews: Path | None = None):
     """previews: the output path whose NAME-preview-STEP.png files get the previews (the batch side by side)."""
     from runtime.image import save_png
@@ -378,9 +279,9 @@ def generate(args):
         raise RuntimeInputError("--high-noise-frac and --refiner-strength need --refiner")
     if args.high_noise_frac is not None and args.refiner_strength is not None:
         raise RuntimeInputError("choose one of --high-noise-frac (ensemble) and --refiner-strength (SDEdit)")
-    if args.image is not None and args.refiner is not None:
+    if args.image is not None and args.refiner is not None and args.mask is None and args.outpaint is None:
         raise RuntimeInputError("--image with --refiner is not supported; run img2img on either folder")
-    if args.image is not None and (args.height or args.width):
+    if args.image is not None and args.mask is None and args.outpaint is None and (args.height or args.width):
         raise RuntimeInputError("--height/--width do not apply with --image (its size is used)")
     if args.batch_pos is not None and (args.seed_mode != "batch" or not 0 <= args.batch_pos < args.num_images):
         raise RuntimeInputError("--batch-pos needs --seed-mode batch and a position below --num-images")
@@ -397,11 +298,15 @@ def generate(args):
 def _generate(args, progress: Progress, SDXLPipeline):
     pipe = SDXLPipeline(args.model, device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                         low_memory=args.low_memory, refiner=args.refiner)  # fmt: skip
+    if args.lora:
+        from runtime.lora_api import load_cli_loras
+
+        load_cli_loras(pipe, args.lora)
     kwargs = dict(prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
                   negative_prompt_2=args.negative_prompt_2, num_inference_steps=args.steps,
                   guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
                   num_images_per_prompt=args.num_images, seed=args.seed, seed_mode=args.seed_mode,
-                  clip_skip=args.clip_skip,
+                  clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax,
                   scheduler=args.scheduler, output_type="latent" if args.output_type == "latent" else "np",
                   height=args.height, width=args.width, aesthetic_score=args.aesthetic_score,
                   negative_aesthetic_score=args.negative_aesthetic_score, high_noise_frac=args.high_noise_frac,
@@ -417,7 +322,9 @@ def _generate(args, progress: Progress, SDXLPipeline):
         preview_every=args.preview_every,
     )
     if args.image is not None:
-        kwargs |= dict(image=args.image, strength=args.strength)
+        kwargs |= dict(image=args.image, strength=args.strength) | inpaint_kwargs(args)
+    elif args.mask is not None or args.outpaint is not None:
+        raise RuntimeInputError("--mask and --outpaint need --image")
     gen = pipe.generate(**kwargs)
     if args.seed is None:  # so that any output (.npy, latents) can be made again
         progress.note(f"seed: {gen.params.seed}")

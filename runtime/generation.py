@@ -2,7 +2,7 @@
 
 Text-to-image when `image` is None, image-to-image (SDEdit, or the refiner's half of the base -> refiner
 hand-off with `denoising_start`) otherwise. `Refinement` chains a base generation and a refiner generation;
-`PerImage` runs a batch as single-image generations with seeds seed, seed + 1, ... (seed_mode="per-image").
+`PerImage` (runtime.per_image) runs a batch as single-image generations, seeds seed, seed + 1, ...
 Each reports its stages ("encode", "compile", "denoise", "decode") to `on_stage(name)` when one is set.
 # ref: diffusers StableDiffusionXLPipeline.__call__, StableDiffusionXLImg2ImgPipeline.__call__ (v0.42)
 """
@@ -22,6 +22,7 @@ from runtime import conditioning
 from runtime.denoise import DeepCache, UNetDenoiser
 from runtime.errors import RuntimeInputError
 from runtime.image import load_image, png_text, sampler_name, save_png
+from runtime.inpaint import Inpainting
 from runtime.params import GenerationParams
 from runtime.rng import TorchGenerator
 from runtime.text import encode_prompt
@@ -31,7 +32,7 @@ from schedulers import StepState, create_scheduler
 if TYPE_CHECKING:
     from runtime.pipeline import SDXLPipeline
 
-__all__ = ["Generation", "GenerationResult", "PerImage", "Refinement", "StepState"]
+__all__ = ["Generation", "GenerationResult", "Refinement", "StepState"]
 
 StageCallback = Callable[[str], None]
 
@@ -73,7 +74,12 @@ def _recorded(pipe: SDXLPipeline, params: GenerationParams, latents: np.ndarray,
         rec["image"] = str(params.image) if isinstance(params.image, (str, Path)) else "<in-memory image>"
     else:
         rec.pop("strength", None)  # text-to-image: no strength was used
+    if params.mask_image is not None:
+        mask = params.mask_image
+        rec["mask_image"] = str(mask) if isinstance(mask, (str, Path)) else "<in-memory image>"
     rec.update(device=pipe.device, precision=pipe.precision)
+    if getattr(pipe, "lora_record", None) and pipe.lora_record():  # the LoRA adapters in force (runtime.lora_api)
+        rec["loras"] = pipe.lora_record()
     n = len(latents)
     images = [rec] if n == 1 else [dict(rec, batch_size=n, batch_pos=i) for i in range(n)]
     return GenerationResult(latents, None, rec, images)
@@ -92,6 +98,10 @@ class Generation:
             params = params.replace(seed=secrets.randbelow(2**63))
         self.params = p = params
         self.img2img = p.image is not None or handoff
+        self.inpaint = Inpainting(info, p, handoff) if p.mask_image is not None else None  # runtime.inpaint
+        if self.inpaint is None and info.is_inpainting:
+            raise RuntimeInputError(f"{info.dir} has an inpainting UNet ({info.in_channels} input channels): "
+                                    "pass an image and a mask_image")  # fmt: skip
         if info.is_refiner and not self.img2img:
             raise RuntimeInputError(f"{info.dir} is a refiner: it cannot do text-to-image without an image")
         try:
@@ -102,7 +112,7 @@ class Generation:
             raise RuntimeInputError(str(e)) from None
         self.batch = p.batch
         self._image = None
-        if p.image is not None:
+        if p.image is not None and self.inpaint is None:
             try:
                 self._image = load_image(p.image, info.vae_scale_factor, info.in_channels)
             except ValueError as e:
@@ -133,6 +143,8 @@ class Generation:
     def start_from(self, latents: np.ndarray) -> None:
         """The image of a hand-off generation: the base's final latents."""
         self._image = np.asarray(latents, np.float32)
+        if self.inpaint is not None:
+            self.inpaint.start_from(self._image)
 
     # -- conditioning that does not change during the loop -----------------------------------------------
     def _time_ids(self, height: int, width: int) -> np.ndarray:
@@ -167,6 +179,7 @@ class Generation:
             emb = encode_prompt(
                 self.pipe.text_encoders, p.prompt, p.prompt_2, p.negative_prompt, p.negative_prompt_2,
                 p.num_images_per_prompt, self.do_cfg, info.force_zeros_for_empty_prompt, p.clip_skip,
+                prompt_syntax=p.prompt_syntax,
             )  # fmt: skip
         except ValueError as e:
             raise RuntimeInputError(str(e)) from None
@@ -216,7 +229,10 @@ class Generation:
     def _steps(self) -> Iterator[StepState]:
         generator = TorchGenerator(self.params.seed)
         self._stage("encode")
-        latents = self._img2img_latents(generator) if self.img2img else self._text2img_latents(generator)
+        if self.inpaint is not None:
+            latents = self.inpaint.prepare(self, generator)
+        else:
+            latents = self._img2img_latents(generator) if self.img2img else self._text2img_latents(generator)
         f = self.info.vae_scale_factor
         inputs = self._conditioning(latents.shape[2] * f, latents.shape[3] * f)
         # low memory: each model is compiled when its stage starts and released when it ends; otherwise each
@@ -227,14 +243,18 @@ class Generation:
         self._stage("compile")
         dc = DeepCache(p.deepcache_interval, p.deepcache_branch, p.deepcache_schedule, p.deepcache_center,
                        p.deepcache_pow)  # fmt: skip
-        self.denoiser = denoiser = UNetDenoiser(self.pipe.unet, inputs, latents.shape, p.guidance_scale,
+        shape = latents.shape if self.inpaint is None else self.inpaint.sample_shape(latents.shape)
+        self.denoiser = denoiser = UNetDenoiser(self.pipe.unet, inputs, shape, p.guidance_scale,
                                                 p.guidance_rescale, self.do_cfg, self.pipe.unet_observers,
                                                 timesteps=self.plan.timesteps, deepcache=dc,
                                                 guidance_cutoff=p.guidance_cutoff,
                                                 low_memory=self.pipe.low_memory)  # fmt: skip
         self._stage("denoise")
         try:
-            for state in self.plan.sample(latents, denoiser, generator.randn):
+            model = denoiser if self.inpaint is None else self.inpaint.model(denoiser)
+            for state in self.plan.sample(latents, model, generator.randn):
+                if self.inpaint is not None:
+                    self.inpaint.blend(state)  # in place: the sampler carries on from the blended latents
                 latents = state.latents
                 if not np.isfinite(latents).all():  # checked each step: NaN never heals, stop at the first
                     raise RuntimeInputError(
@@ -261,6 +281,8 @@ class Generation:
             shape = result.latents.shape
             tiles = None if p.vae_decoder == "tiny" else self.pipe.vae_tiles(shape, p.vae_tiling, p.vae_tile_size)
             result.images = self.pipe.decode(result.latents, p.vae_decoder, tiles)
+            if self.inpaint is not None:  # padding_mask_crop: pasted back into the original
+                result.images = self.inpaint.finish(result.images)
             for rec in (result.parameters, *result.image_parameters):  # what was run, "auto" resolved
                 rec.update(vae_tiling="on" if tiles else "off", vae_tile_size=tiles.sample if tiles else None)
         return result
@@ -274,7 +296,10 @@ class Refinement:
     at refiner_strength (0.3 by default). Both schedules are checked before any work."""
 
     def __init__(self, base: SDXLPipeline, refiner: SDXLPipeline, params: GenerationParams):
-        if params.image is not None:
+        inpaint = params.mask_image is not None  # ensemble only: the refiner inpaints the base's latents
+        if inpaint and (params.high_noise_frac is None or params.padding_mask_crop is not None):
+            raise RuntimeInputError("inpainting with a refiner needs high_noise_frac and no padding_mask_crop")
+        if params.image is not None and not inpaint:
             raise RuntimeInputError("image-to-image with a refiner is not supported; run img2img on either folder")
         if params.seed is None:
             params = params.replace(seed=secrets.randbelow(2**63))
@@ -284,7 +309,8 @@ class Refinement:
         chain = dict(high_noise_frac=None, refiner_strength=None)
         first = dataclasses.replace(params, **chain, denoising_end=frac, output_type="latent")
         # the refiner's size is its image's (the base's latents)
-        second = dataclasses.replace(params, **chain, latents=None, height=None, width=None, denoising_end=None)
+        second = dataclasses.replace(params, **chain, latents=None, height=None, width=None, denoising_end=None,
+                                     image=None)  # fmt: skip
         if frac is not None:
             second = dataclasses.replace(second, denoising_start=frac)
         else:
@@ -333,81 +359,4 @@ class Refinement:
         recorded.images = result.images
         for rec in (recorded.parameters, *recorded.image_parameters):  # the refiner's decode, "auto" resolved
             rec.update({k: result.parameters[k] for k in ("vae_tiling", "vae_tile_size") if k in result.parameters})
-        return recorded
-
-
-def _pick(value, j: int):
-    """Entry j of a per-prompt list parameter (a string or None applies to every prompt)."""
-    return value[j] if isinstance(value, (list, tuple)) else value
-
-
-class PerImage:
-    """seed_mode="per-image": the batch as single-image generations (each a Generation, or a Refinement with a
-    refiner), image i (prompt-major: prompt j's images are i = j*n .. j*n + n-1) with seed + i, so that each
-    equals the one-image call with its own seed, bit for bit. Steps are numbered as one run."""
-
-    def __init__(self, pipe: SDXLPipeline, params: GenerationParams):
-        if params.seed is None:
-            params = params.replace(seed=secrets.randbelow(2**63 - params.batch))
-        self.params, self.pipe = params, pipe
-        prompts = [params.prompt] if isinstance(params.prompt, str) else list(params.prompt)
-        n, batch = params.num_images_per_prompt, params.batch
-        image, latents = params.image, params.latents
-        per_image = isinstance(image, np.ndarray) and image.ndim == 4 and len(image) == batch and batch > 1
-        self.runs: list[Generation | Refinement] = []
-        for i in range(batch):
-            j = i // n
-            one = dataclasses.replace(
-                params, prompt=prompts[j], prompt_2=_pick(params.prompt_2, j),
-                negative_prompt=_pick(params.negative_prompt, j), negative_prompt_2=_pick(params.negative_prompt_2, j),
-                num_images_per_prompt=1, seed=params.seed + i,
-                latents=None if latents is None else np.asarray(latents)[i : i + 1],
-                image=image[i : i + 1] if per_image else image,
-            )  # fmt: skip
-            run = Refinement(pipe, pipe.refiner, one) if pipe.refiner is not None else Generation(pipe, one)
-            self.runs.append(run)
-        self._iter: Iterator | None = None
-
-    @property
-    def on_stage(self) -> StageCallback | None:
-        return self.runs[0].on_stage
-
-    @on_stage.setter
-    def on_stage(self, callback: StageCallback | None) -> None:
-        for run in self.runs:
-            run.on_stage = callback
-
-    @property
-    def total(self) -> int:
-        return sum(run.total for run in self.runs)
-
-    def preview(self, state: StepState) -> np.ndarray | None:
-        """Generation.preview, for any image's steps."""
-        return self.runs[0].preview(state)
-
-    def _steps(self) -> Iterator[StepState]:
-        done, total = 0, self.total
-        for run in self.runs:
-            for state in run:
-                yield dataclasses.replace(state, index=state.index + done, total=total)
-            done += run.total
-
-    def __iter__(self) -> Iterator[StepState]:
-        if self._iter is None:
-            self._iter = self._steps()
-        return self._iter
-
-    def result(self) -> GenerationResult:
-        results = []
-        for run in self.runs:  # each finishes (and decodes) before the next starts
-            for _ in run:
-                pass
-            results.append(run.result())
-        latents = np.concatenate([r.latents for r in results])
-        refiner = self.pipe.refiner
-        recorded = _recorded(self.pipe, self.params, latents[:1], refiner=refiner)
-        recorded.latents = latents
-        recorded.image_parameters = [r.image_parameters[0] for r in results]
-        if self.params.output_type != "latent":
-            recorded.images = np.concatenate([r.images for r in results])
         return recorded

@@ -57,6 +57,8 @@ def a1111_parameters(p: dict) -> str:
     image_parameters)."""
     prompt = p.get("prompt", "")
     lines = [prompt if isinstance(prompt, str) else " | ".join(prompt)]
+    loras = p.get("loras") or []  # A1111's convention: <lora:NAME:WEIGHT> in the prompt, "Lora hashes" below
+    lines[0] += "".join(f" <lora:{a['name']}:{_num(float(a['weight']))}>" for a in loras)
     if p.get("negative_prompt"):
         neg = p["negative_prompt"]
         lines.append(f"Negative prompt: {neg if isinstance(neg, str) else ' | '.join(neg)}")
@@ -72,12 +74,14 @@ def a1111_parameters(p: dict) -> str:
         ("Model", p.get("model")),
         ("Denoising strength", _num(p.get("strength")) if img2img else None),
         ("Clip skip", p.get("clip_skip")),
+        ("Prompt syntax", p["prompt_syntax"] if p.get("prompt_syntax") not in (None, "plain") else None),
         ("CFG rescale", _num(p["guidance_rescale"]) if p.get("guidance_rescale") else None),
         ("Batch size", p.get("batch_size")),
         ("Batch pos", p.get("batch_pos")),
         ("Refiner", refiner),
         ("Refiner switch at", _num(p.get("high_noise_frac")) if refiner else None),
         ("Refiner strength", _num(p.get("refiner_strength")) if refiner else None),
+        ("Lora hashes", '"' + ", ".join(f"{a['name']}: {a['hash']}" for a in loras) + '"' if loras else None),
     ]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
     return "\n".join(lines)

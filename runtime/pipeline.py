@@ -15,12 +15,14 @@ import numpy as np
 import openvino as ov
 
 from runtime.errors import RuntimeInputError
-from runtime.generation import Generation, GenerationResult, PerImage, Refinement, StageCallback, StepState
+from runtime.generation import Generation, GenerationResult, Refinement, StageCallback, StepState
 from runtime.image import to_uint8
+from runtime.lora_api import LoraMixin
 from runtime.memory import memory_limit
 from runtime.model_cache import default_cache_dir
 from runtime.ov_model import OVModel
 from runtime.params import GenerationParams, ModelInfo
+from runtime.per_image import PerImage
 from runtime.text import TextEncoder
 from runtime.tokenizer import Tokenizer
 from runtime.vae import Tiles, TinyVAE, choose_tiles, tiled_decode, tiled_encode
@@ -55,7 +57,7 @@ def _sha256(path: Path) -> bytes:
     return h.digest()
 
 
-class SDXLPipeline:
+class SDXLPipeline(LoraMixin):
     """A loaded model folder (and optionally its refiner): the one object the CLI, a server or a program calls.
 
     pipe = SDXLPipeline("./sdxl-base-ov", refiner="./sdxl-refiner-ov")
@@ -112,6 +114,10 @@ class SDXLPipeline:
         unet_cfg = {**cfg, "CACHE_DIR": ""} if low_memory else cfg
         self.unet = OVModel(self.core, self.dir / "unet" / "openvino_model.xml", device, unet_cfg,
                             inputs=UNET_INPUTS, outputs=("out_sample",))  # fmt: skip
+        channels = self.unet.input_shapes["sample"][1] if self.unet.input_shapes["sample"].rank.is_static else None
+        if channels is not None and channels.is_static and channels.get_length() != info.in_channels:
+            raise RuntimeInputError(f"{self.dir / 'unet' / 'config.json'}: in_channels={info.in_channels} but the "
+                                    f"UNet IR takes {channels.get_length()} channels")  # fmt: skip
         self.vae_decoder = OVModel(self.core, self.dir / "vae_decoder" / "openvino_model.xml", device, vae_cfg,
                                    inputs=("latent_sample",), outputs=("sample",))  # fmt: skip
         self._vae_decoder_f32: OVModel | None = None  # a decode that overflowed in bf16/f16 is redone in f32

@@ -25,7 +25,9 @@ FAST: dict[str, str | set[str]] = {
     "test_generate_cli.py": {"test_bad_inputs"},
     "test_pipeline_api.py": {"test_parameters_are_validated_once", "test_parameters_are_typed_and_frozen"},
     "test_torch_free.py": {"test_imports_are_torch_free", "test_base_import_path_has_no_extras"},
+    "test_batch.py": {"test_bad_lines_fail_before_any_work", "test_bad_flags"},
     "test_serve.py": {"test_bad_requests_get_a_4xx_with_a_reason"},  # a live server; one-line 4xx reasons
+    "test_prompts.py": {"test_a1111_translation", "test_bad_syntax_is_one_line_error", "test_bad_syntax_options"},
 }
 
 

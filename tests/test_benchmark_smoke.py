@@ -26,13 +26,15 @@ def test_benchmark_smoke(tmp_path):
     # the i64 timestep: genai's Text2ImagePipeline loads the folder, so it runs side by side where installed
     model = ov_dir("base", timestep_dtype="i64")
     proc = _run("--model", model, "--steps", 2, "--height", 128, "--width", 128, "--runs", 1, "--warmup", 0,
-                "--precision", "f32", "--out", out)  # fmt: skip
+                "--precision", "f32", "--out", out, "--matmul", 256)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     seconds = {r["stage"]: r["seconds"] for r in records if r["kind"] == "measurement" and r["arm"] == "ours"
                and "seconds" in r}  # fmt: skip
     for stage in STAGES:
         assert seconds.get(stage, 0) > 0, (stage, seconds)
+    machine = next(r for r in records if r["kind"] == "machine")  # the day's speed beside the absolute times
+    assert machine["matmul_size"] == 256 and machine["matmul_gflops"]["openvino_bf16"] > 0
     rss = [r["bytes"] for r in records if r["kind"] == "measurement" and r["stage"] == "peak_rss"]
     assert rss and rss[0] > 0
     # the runtime's own timers: each UNet call (the generation's denoiser), each text encoder and VAE call (OVModel)

@@ -74,7 +74,7 @@ def test_imports_are_torch_free(package):
 
 
 # optional extras, and the only places that may import them (never torch & co.)
-OPTIONAL = {"runtime/serve/": {"starlette", "uvicorn", "multipart", "python_multipart"}}
+OPTIONAL = {"runtime/serve/": {"starlette", "uvicorn", "multipart", "python_multipart", "ray"}}
 
 
 def test_base_import_path_has_no_extras():
