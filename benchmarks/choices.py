@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--matmul", type=int, default=4096, help="the day's speed: an N^3 MatMul's GFLOP/s in the record")
     p.add_argument("--only", nargs="+", help="components to measure (unet, vae_decoder, text_encoder_2)")
     p.add_argument("--results", type=Path, default=RESULTS, help="the JSON-lines file to append to")
     args = p.parse_args(argv)
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
 
         rec = {"model": model.name, "size": args.size, "rounds": args.rounds, "calls": args.calls,
                "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "accuracy": acc,
-               "matmul_gflops": matmul_gflops()}  # fmt: skip
+               "matmul_size": args.matmul, "matmul_gflops": matmul_gflops(args.matmul)}  # fmt: skip
         f.write(json.dumps(rec) + "\n")
     return 0
 

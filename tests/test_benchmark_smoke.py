@@ -106,7 +106,7 @@ def test_choices_measures_each_variant_against_the_runtimes_choice(tmp_path):
     the runtime's choice; bf16's accuracy against f32 is reported per model; the record is appended."""
     results = tmp_path / "choices.jsonl"
     cmd = [sys.executable, "-m", "benchmarks.choices", "--model", str(ov_dir("base")), "--size", "64",
-           "--rounds", "1", "--calls", "1", "--results", str(results)]  # fmt: skip
+           "--rounds", "1", "--calls", "1", "--results", str(results), "--matmul", "256"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     from benchmarks.choices import VARIANTS
@@ -122,6 +122,7 @@ def test_choices_measures_each_variant_against_the_runtimes_choice(tmp_path):
             ours = next(o for o in rows.values() if o["ours"] and o["component"] == r["component"])
             assert r["vs_ours"] == r["s_per_call"] / ours["s_per_call"]
     assert rec["accuracy"]["vae_decoder"]["psnr_db"] > 20
+    assert rec["matmul_size"] == 256 and rec["matmul_gflops"]["openvino_bf16"] > 0  # the day's speed, recorded
     for c in ("unet", "text_encoder_2"):
         assert 0 < rec["accuracy"][c]["rel_max_err"] < 0.1
     assert "| unet | two batch-1 calls per step |" in proc.stdout
