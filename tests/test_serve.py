@@ -270,6 +270,16 @@ def test_transport_errors_and_the_server_keeps_serving(server):
     assert server.call("/nope")[0] == 404 and server.call("/sdapi/v1/txt2img")[0] == 405
     assert server.call("/health")[2] == {"status": "ok"} and server.call("/ready")[0] == 200
     assert server.call("/sdapi/v1/txt2img", {"prompt": "still here", "width": 64, "height": 64, "steps": 1})[0] == 200
+    nulls = {
+        "prompt": "x",
+        "width": 64,
+        "height": 64,
+        "steps": 1,
+        "batch_size": None,
+        "n_iter": None,
+        "cfg_scale": None,
+    }
+    assert server.call("/sdapi/v1/txt2img", nulls)[0] == 200  # JSON null = not set: the default
 
 
 def test_metrics_in_prometheus_text(server):

@@ -40,9 +40,9 @@ def bad(message: str, param: str | None = None) -> ApiError:
 
 def integer(body: dict, key: str, lo: int, hi: int, default: Any = None, alias: str | None = None) -> Any:
     name = alias or key
-    v = body.get(key, default)
-    if v is None or v is default:
-        return v
+    v = body.get(key)
+    if v is None:  # absent or null: the default (JSON clients send null for "not set")
+        return default
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if isinstance(v, str) and v.strip().lstrip("-").isdigit():  # multipart form fields arrive as text
@@ -54,9 +54,9 @@ def integer(body: dict, key: str, lo: int, hi: int, default: Any = None, alias: 
 
 def number(body: dict, key: str, lo: float, hi: float, default: Any = None, alias: str | None = None) -> Any:
     name = alias or key
-    v = body.get(key, default)
-    if v is None or v is default:
-        return v
+    v = body.get(key)
+    if v is None:  # absent or null: the default (JSON clients send null for "not set")
+        return default
     if isinstance(v, str):
         try:
             v = float(v)
