@@ -64,6 +64,7 @@ class ModelReplica:
                             refiner=options.get("refiner"))  # fmt: skip
         self.name, self.board, self.preview = name, board, options.get("preview", "approx")
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
+        self._reports: dict = {}  # job id -> its last progress report to the board (a DeploymentResponse)
         from runtime.serve.loras import LoraLibrary
 
         self.worker = ModelWorker(
@@ -84,11 +85,18 @@ class ModelReplica:
             from runtime.serve.a1111 import preview_png
 
             preview = preview_png(job.preview_of, job.last)
-        flags = self.board.report.remote(job.id, step=job.step, total=job.total, state=job.state,
-                                         replica=self.replica, preview=preview).result()  # fmt: skip
-        if flags["cancel"]:
+        # Not waited for in the denoising loop: the flags come back with the previous step's report (a cancel or
+        # an interrupt takes effect one step later), so a step never waits for a round trip to the board.
+        previous = self._reports.get(job.id)
+        self._reports[job.id] = self.board.report.remote(job.id, step=job.step, total=job.total, state=job.state,
+                                                         replica=self.replica, preview=preview)  # fmt: skip
+        try:
+            flags = previous.result(timeout_s=0) if previous is not None else None
+        except TimeoutError:  # the board has not answered yet: next step
+            flags = None
+        if flags and flags["cancel"]:
             job.cancel(flags["cancel"])
-        if flags["interrupt"]:
+        if flags and flags["interrupt"]:
             job.interrupted = True
 
     async def generate(self, job_id: str, kwargs: dict, kind: str, loras: list | None = None) -> Outcome:
@@ -102,6 +110,7 @@ class ModelReplica:
             self.worker.withdraw(job, "disconnected")
             raise
         finally:
+            self._reports.pop(job_id, None)
             self.board.report.remote(job_id, state=job.state, replica=self.replica, preview=None)
         outcome.result.latents = None  # not sent back: the images are what the routes answer with
         outcome.replica = self.replica
