@@ -45,6 +45,15 @@ def _copy(base: Path, dst: Path) -> Path:
     return dst
 
 
+def _broken(tiny, tmp_path: Path, breaks) -> tuple[Path, Path]:
+    """A copy of the tiny base folder broken by `breaks`, and an output path in a folder of its own."""
+    folder = _copy(tiny("base")[1], tmp_path / "model")
+    breaks(folder)
+    out = tmp_path / "out" / "o.png"
+    out.parent.mkdir()
+    return folder, out
+
+
 # -- ways to break a folder: each takes the copied folder ------------------------------------------------------
 def _truncate(rel: str, keep: float):
     def f(d: Path) -> None:
@@ -175,11 +184,7 @@ CORRUPT = [
 @pytest.mark.parametrize("case", CORRUPT, ids=[c[0] for c in CORRUPT])
 def test_corrupt_folder(tiny, tmp_path, case):
     _, breaks, needles = case
-    _, base = tiny("base")
-    folder = _copy(base, tmp_path / "model")
-    breaks(folder)
-    out = tmp_path / "out" / "o.png"
-    out.parent.mkdir()
+    folder, out = _broken(tiny, tmp_path, breaks)
     t0 = time.monotonic()
     proc = _cli(folder, *SMALL, "--output", out, timeout=60)
     assert_one_line_error(proc, needles[0])
@@ -332,11 +337,7 @@ NON_FINITE = [
 @pytest.mark.parametrize("case", NON_FINITE, ids=[c[0] for c in NON_FINITE])
 def test_non_finite_is_an_error_not_a_black_image(tiny, tmp_path, case):
     _, breaks, needles = case
-    _, base = tiny("base")
-    folder = _copy(base, tmp_path / "model")
-    breaks(folder)
-    out = tmp_path / "out" / "o.png"
-    out.parent.mkdir()
+    folder, out = _broken(tiny, tmp_path, breaks)
     proc = _cli(folder, "--prompt", "x", "--steps", "2", "--height", "64", "--width", "64", "--output", out)
     assert_one_line_error(proc, needles[0])
     assert all(n in _error_line(proc) for n in needles), proc.stderr
@@ -346,11 +347,7 @@ def test_non_finite_is_an_error_not_a_black_image(tiny, tmp_path, case):
 def test_vae_nan_in_bf16_says_so_and_fails_in_f32(tiny, tmp_path):
     """The VAE in the device's precision (bf16 where the CPU has it) gives NaN: one warning line, the f32 retry
     still gives NaN (the weights): one error line, nothing written."""
-    _, base = tiny("base")
-    folder = _copy(base, tmp_path / "model")
-    _nan_weight(VAE + ".xml", "conv_out.weight")(folder)
-    out = tmp_path / "out" / "o.png"
-    out.parent.mkdir()
+    folder, out = _broken(tiny, tmp_path, _nan_weight(VAE + ".xml", "conv_out.weight"))
     proc = cli.run("runtime.generate", "--precision", "bf16", "--cache-dir", "", "--quiet", "--model", folder,
                    *SMALL, "--output", out, timeout=120)  # fmt: skip
     assert_one_line_error(proc, "NaN/inf in f32")
