@@ -15,11 +15,18 @@ mark composing with the letter past another mark ("e\u0301\u0323", zalgo text). 
 Unicode tables of the `tokenizers` build; openvino-tokenizers' regex engine has other ones: 4644 letters and
 13 digits of Unicode 16/17 (Garay, Sidetic, Tangut supplement, CJK extension J, ...) are punctuation for
 transformers, and U+180E MONGOLIAN VOWEL SEPARATOR (whitespace before Unicode 6.3) was dropped as whitespace.
+
+Both tables take ~10 s to build (a pass over every code point); they depend only on this module, the `tokenizers`
+version and Python's Unicode tables, so they are kept in the user's cache (`_stored`) between conversions.
 """
 
+import hashlib
+import json
+import os
 import struct
 import unicodedata
 from functools import lru_cache
+from pathlib import Path
 
 MAX_UNITS = 1 << 21  # darts-clone stores offsets < 2**21 directly
 
@@ -93,9 +100,48 @@ def _batched(normalize, strings: list[str]) -> list[str]:
     return normalize("\n".join(strings)).split("\n")
 
 
+def table_dir() -> Path:
+    """($XDG_CACHE_HOME or ~/.cache)/sdxl-openvino/convert: where the built tables are kept."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sdxl-openvino" / "convert"
+
+
+def _stored(name: str, build) -> dict[str, str]:
+    """build() kept as JSON under table_dir(), keyed by this module's source, the `tokenizers` version and
+    Python's Unicode version: a change to any of them builds the table again. A missing, unreadable or damaged
+    file is rebuilt; a cache that cannot be written is skipped (written under a temporary name, then renamed)."""
+    import tokenizers
+
+    key = hashlib.sha256(Path(__file__).read_bytes())
+    key.update(f"{tokenizers.__version__} {unicodedata.unidata_version}".encode())
+    path = table_dir() / f"{name}-{key.hexdigest()[:16]}.json"
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(table, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+            return table
+    except (OSError, ValueError):
+        pass
+    table = build()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(table), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+    return table
+
+
 @lru_cache(1)
 def clip_normalizer_map() -> dict[str, str]:
     """key -> lowercase(NFC(key)), with the `tokenizers` normalizers that transformers runs as reference."""
+    return _stored("clip_normalizer_map", _build_normalizer_map)
+
+
+def _build_normalizer_map() -> dict[str, str]:
     from tokenizers import normalizers
 
     ref = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()]).normalize_str
@@ -131,6 +177,10 @@ def clip_normalizer_map() -> dict[str, str]:
 @lru_cache(1)
 def clip_regex_classes() -> dict[str, str]:
     r"""\p{L}, \p{N}, \s -> their members for transformers (Oniguruma), as class ranges "\x{41}-\x{5a}..." """
+    return _stored("clip_regex_classes", _build_regex_classes)
+
+
+def _build_regex_classes() -> dict[str, str]:
     from tokenizers import Regex, pre_tokenizers
 
     chars = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)

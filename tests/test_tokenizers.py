@@ -216,3 +216,26 @@ def test_runtime_is_torch_free():
         "bad = banned & {m.split('.')[0] for m in sys.modules}; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tables_are_kept_between_conversions(tmp_path, monkeypatch):
+    """The ~10 s tables come from the user's cache; a damaged file is rebuilt; an unwritable cache is skipped.
+    (What a stored table holds is checked by test_normalizer_map_changes / test_unicode_class_differences.)"""
+    from convert import clip_unicode
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    table = {"e\u0301": "\u00e9", "\U0001e900": "\U0001e922", "\u00c5": "\u00e5", "\\x{41}": "-"}
+    calls = []
+
+    def build():
+        calls.append(1)
+        return dict(table)
+
+    assert clip_unicode._stored("t", build) == table and len(calls) == 1
+    (stored,) = clip_unicode.table_dir().glob("t-*.json")
+    assert clip_unicode._stored("t", build) == table and len(calls) == 1  # read back, not built
+    stored.write_text('{"e": ')  # a torn write by something else
+    assert clip_unicode._stored("t", build) == table and len(calls) == 2
+    assert json.loads(stored.read_text()) == table and not list(stored.parent.glob(".t-*"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(stored))  # a file where the folder should be: not writable
+    assert clip_unicode._stored("t", build) == table and len(calls) == 3
