@@ -94,6 +94,13 @@ def convert_pipeline(
     output = Path(output)
     others = [("the LoRA", str(f)) for f, _ in loras or []] + list(inputs) + [("the --tiny-vae folder", tiny_vae)]
     safety.check_paths(source, output, config, others)
+    if quantize_unet:  # bad settings fail before the heavy imports too
+        from convert import quantize
+
+        if quantize_unet not in quantize.MODES:
+            raise ConvertError(f"--quantize-unet {quantize_unet!r}: choose one of {', '.join(quantize.MODES)}")
+        calibration = calibration or quantize.Calibration()
+        quantize.check_settings(calibration)
     src = resolve(source, config)  # bad input fails here, before the heavy imports
     if tiny_vae is not None:
         _check_tiny_vae(tiny_vae, src)
@@ -145,13 +152,6 @@ def _convert(src, output: Path, weight_format, overwrite, log, isolate, loras, s
         _checked_scheduler(loader.scheduler_config(), scheduler, f"{src.config_dir or src.location}: scheduler config")
     elif scheduler:
         _swap_scheduler({"_class_name": "EulerDiscreteScheduler"}, scheduler)  # unknown names fail before work
-    if quantize_unet:
-        from convert import quantize
-
-        if quantize_unet not in quantize.MODES:
-            raise ConvertError(f"--quantize-unet {quantize_unet!r}: choose one of {', '.join(quantize.MODES)}")
-        calibration = calibration or quantize.Calibration()
-        quantize.check_settings(calibration)
     check_single_file(src)  # tensor shapes from the file's header, before anything is loaded
     if loras:
         from convert.lora import check_loras

@@ -12,7 +12,7 @@ import torch
 
 from convert.errors import ConvertError
 from convert.pipeline import convert_pipeline
-from tests import cli
+from tests import cli, models
 from tests.cli import assert_one_line_error
 
 KINDS = ["base", "refiner", "ssd-1b", "vega", "lcm"]
@@ -161,7 +161,10 @@ def test_checkpoint_with_missing_weights_is_refused(tiny, tmp_path):
 @pytest.mark.parametrize("fmt,expected", [("fp16", ov.Type.f16), ("int8", ov.Type.u8), ("int4", ov.Type.i4)])
 def test_weight_formats(tiny, tmp_path, fmt, expected):
     src, _ = tiny("base")
-    out = convert_pipeline(str(src), tmp_path / fmt, weight_format=fmt, log=lambda s: None, isolate=False)
+    if fmt == "fp16":  # the cached fp16 conversion (tests.models.ov_dir: convert_pipeline, other tests use it)
+        out = models.ov_dir("base", "fp16")
+    else:
+        out = convert_pipeline(str(src), tmp_path / fmt, weight_format=fmt, log=lambda s: None, isolate=False)
     unet = CORE.read_model(out / "unet" / "openvino_model.xml")
     types = {op.get_output_element_type(0) for op in unet.get_ops() if op.get_type_name() == "Constant"}
     assert expected in types, types

@@ -6,18 +6,16 @@ import numpy as np
 import openvino as ov
 import pytest
 
-from convert.pipeline import convert_pipeline
 from runtime.pipeline import SDXLPipeline
-from tests.models import source_dir
+from tests.models import ov_dir
 
 KW = dict(prompt="a cat", negative_prompt="dog", height=192, width=256, num_inference_steps=3, seed=2)
 
 
 @pytest.fixture(scope="module")
-def i64_folder(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("interop") / "base-i64"
-    return convert_pipeline(str(source_dir("base")), out, weight_format="fp32", timestep_dtype="i64",
-                            log=lambda s: None, isolate=False)  # fmt: skip
+def i64_folder(tiny):
+    """convert --timestep-dtype i64 (fp32), cached: the benchmark smoke test runs openvino.genai on it too."""
+    return ov_dir("base", timestep_dtype="i64")
 
 
 def test_i64_timestep_folder_gives_the_same_picture(tiny, i64_folder):
