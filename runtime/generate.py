@@ -136,7 +136,8 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
         "--vae-decoder",
         choices=["full", "tiny"],
         default="full",
-        help="the final image's decoder: full (the VAE) or tiny (the folder's TAESD, convert --tiny-vae)",
+        help="the VAE: full, or tiny (the folder's TAESD, convert --tiny-vae): the tiny autoencoder both decodes the "
+        "final image and encodes --image (img2img, inpainting), as diffusers with pipe.vae = AutoencoderTiny",
     )
     v.add_argument(
         "--vae-tiling",

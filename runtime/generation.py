@@ -217,7 +217,7 @@ class Generation:
         if image.shape[1] == self.info.in_channels:  # latents given as the image: no encode, no scaling
             init = image
         else:
-            init = self.pipe.encode_image(image, generator, p.vae_tiling, p.vae_tile_size)  # [b, 4, h, w], scaled
+            init = self.pipe.encode_image(image, generator, p.vae_tiling, p.vae_tile_size, p.vae_decoder)  # scaled
         if self.batch % init.shape[0]:
             raise RuntimeInputError(f"cannot spread {init.shape[0]} images over {self.batch} generations")
         init = np.concatenate([init] * (self.batch // init.shape[0]))

@@ -260,10 +260,13 @@ class Inpainting:
 
     # -- latents: ref StableDiffusionXLInpaintPipeline.prepare_latents, prepare_mask_latents -------------------
     def _encode(self, pipe, image: np.ndarray, generator, p) -> np.ndarray:
-        """VAE posterior sample * scaling_factor (the inpaint pipeline applies no latents_mean/std).
+        """VAE posterior sample * scaling_factor (the inpaint pipeline applies no latents_mean/std); the tiny VAE's
+        latents * its scaling_factor with vae_decoder="tiny" (diffusers' with pipe.vae = AutoencoderTiny).
         # ref: StableDiffusionXLInpaintPipeline._encode_vae_image"""
         info = self.info
-        z = pipe.encode_image(image, generator, p.vae_tiling, p.vae_tile_size)
+        z = pipe.encode_image(image, generator, p.vae_tiling, p.vae_tile_size, p.vae_decoder)
+        if p.vae_decoder == "tiny":
+            return z
         if info.latents_mean is not None:  # undo encode_image's normalisation
             z = z * info.latents_std + info.latents_mean * info.scaling_factor
         return z.astype(np.float32)
@@ -307,12 +310,14 @@ class Inpainting:
                 latents = plan.add_noise(image_latents, noise)
         self.noise, self.image_latents = noise, image_latents
         # prepare_mask_latents: the mask at the latent size, the masked image encoded (a draw of the generator
-        # even where a 4-channel UNet does not use it: drawn, not encoded, to keep the order for less work)
+        # even where a 4-channel UNet does not use it: drawn, not encoded, to keep the order for less work; the
+        # tiny VAE draws nothing)
         self.mask_latent = spread(nearest(self.mask, shape[2], shape[3]))
         self.masked_latents = None
         if self.masked is not None:
             if self.four:
-                generator.randn((len(self.masked), *shape[1:]))
+                if p.vae_decoder != "tiny":
+                    generator.randn((len(self.masked), *shape[1:]))
             else:
                 self.masked_latents = spread(self._encode(pipe, self.masked, generator, p))
         if not self.four and self.masked_latents is None:

@@ -186,17 +186,19 @@ class ModelInfo:
             force_upcast=bool(vae_config.get("force_upcast", True)),
         )
 
-    def memory_estimate(self, height: int, width: int, batch: int = 1, cfg: bool = True) -> dict[str, int]:
-        """runtime.memory.estimate for this folder."""
+    def memory_estimate(self, height: int, width: int, batch: int = 1, cfg: bool = True, **vae) -> dict[str, int]:
+        """runtime.memory.estimate for this folder (vae: its vae_decoder and tiles)."""
         from runtime import memory
 
-        return memory.estimate(self, height, width, batch, cfg)
+        return memory.estimate(self, height, width, batch, cfg, **vae)
 
-    def check_memory(self, height: int, width: int, batch: int = 1, cfg: bool = True, limit: float | None = None):
-        """Refuse (RuntimeInputError) a size whose memory estimate exceeds `limit` bytes (runtime.memory.check)."""
+    def check_memory(self, height: int, width: int, batch: int = 1, cfg: bool = True, limit: float | None = None,
+                     **vae):  # fmt: skip
+        """Refuse (RuntimeInputError) a size whose memory estimate exceeds `limit` bytes (runtime.memory.check;
+        vae: the generation's vae_decoder, vae_tiling and vae_tile_size)."""
         from runtime import memory
 
-        memory.check(self, height, width, batch, cfg, limit)
+        memory.check(self, height, width, batch, cfg, limit, **vae)
 
     @property
     def latent_channels(self) -> int:

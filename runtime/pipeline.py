@@ -18,7 +18,7 @@ from runtime.errors import RuntimeInputError
 from runtime.generation import Generation, GenerationResult, Refinement, StageCallback, StepState
 from runtime.image import to_uint8
 from runtime.lora_api import LoraMixin
-from runtime.memory import memory_limit
+from runtime.memory import memory_limit, tiling_budget
 from runtime.model_cache import default_cache_dir
 from runtime.ov_model import OVModel
 from runtime.params import GenerationParams, ModelInfo
@@ -55,6 +55,21 @@ def _sha256(path: Path) -> bytes:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.digest()
+
+
+def _first_run(gen) -> Generation:
+    """The generation that runs first: the first single-image run of a per-image batch, a refinement's base."""
+    while not isinstance(gen, Generation):  # PerImage (runs), Refinement (base)
+        gen = gen.runs[0] if hasattr(gen, "runs") else gen.base
+    return gen
+
+
+def _encodes_pixels(gen) -> bool:
+    """The generation VAE-encodes an image: img2img or inpainting from pixels, not from latents."""
+    gen = _first_run(gen)
+    return (gen._image is not None and gen._image.shape[1] == 3) or (
+        gen.inpaint is not None and not gen.inpaint.latent_image
+    )
 
 
 class SDXLPipeline(LoraMixin):
@@ -143,7 +158,7 @@ class SDXLPipeline(LoraMixin):
         if refiner is not None:
             self.refiner = refiner if isinstance(refiner, SDXLPipeline) else SDXLPipeline(
                 refiner, device=device, precision=precision, cache_dir=cache_dir or None, core=self.core,
-                share_with=self, low_memory=low_memory)  # fmt: skip
+                share_with=self, low_memory=low_memory, max_memory_gb=max_memory_gb)  # fmt: skip
             if not self.refiner.info.is_refiner:
                 raise RuntimeInputError(f"refiner {refiner}: not a refiner folder (its model_index has a text_encoder)")
 
@@ -218,6 +233,8 @@ class SDXLPipeline(LoraMixin):
             gen = Refinement(self, self.refiner, params)
         else:
             gen = Generation(self, params)
+        if params.vae_decoder == "tiny" and _encodes_pixels(gen):  # it encodes with the tiny VAE too (runtime.vae)
+            self.tiny_vae.require(encoder=True)
         self.check_memory(gen)
         gen.on_stage = on_stage
         return gen
@@ -225,15 +242,15 @@ class SDXLPipeline(LoraMixin):
     def check_memory(self, gen) -> None:
         """Refuse a generation whose size does not fit in memory (ModelInfo.check_memory), before any work:
         the first single-image run of a per-image batch, the base's half of a refinement."""
-        while not isinstance(gen, Generation):  # PerImage (runs), Refinement (base)
-            gen = gen.runs[0] if hasattr(gen, "runs") else gen.base
+        gen = _first_run(gen)
         info, p, image = gen.info, gen.params, gen._image
         if image is not None:  # image-to-image: the image's size (pixels, or latents)
             f = info.vae_scale_factor if image.shape[1] == info.in_channels else 1
             height, width = image.shape[-2] * f, image.shape[-1] * f
         else:
             height, width = p.height or info.default_size, p.width or info.default_size
-        info.check_memory(height, width, gen.batch, gen.do_cfg, memory_limit(self.max_memory_gb))
+        vae = dict(vae_decoder=p.vae_decoder, vae_tiling=p.vae_tiling, vae_tile_size=p.vae_tile_size)
+        info.check_memory(height, width, gen.batch, gen.do_cfg, memory_limit(self.max_memory_gb), **vae)
 
     def generation(self, params: GenerationParams, handoff: bool = False) -> Generation:
         """A generation of this folder from checked parameters (the folder's presets applied)."""
@@ -244,12 +261,20 @@ class SDXLPipeline(LoraMixin):
         return params.replace(**self.info.presets(params.scheduler, params.num_inference_steps, params.guidance_scale))
 
     # -- the stages' models -------------------------------------------------------------------------------------
-    def encode_image(self, image: np.ndarray, generator, tiling: str = "off", tile_size: int | None = None):
+    def encode_image(self, image: np.ndarray, generator, tiling: str = "off", tile_size: int | None = None,
+                     vae: str = "full"):  # fmt: skip
         """[B, 3, H, W] in [-1, 1] -> scaled latents, sampling the VAE posterior with `generator`; tiling
-        (runtime.vae.choose_tiles): the moments from overlapping tiles as diffusers' tiled encode.
-        # ref: diffusers retrieve_latents(sample_mode="sample") + DiagonalGaussianDistribution.sample"""
+        (runtime.vae.choose_tiles): the moments from overlapping tiles as diffusers' tiled encode. vae="tiny": the
+        tiny encoder's latents x its scaling_factor, untiled, drawing nothing from `generator`.
+        # ref: diffusers retrieve_latents(sample_mode="sample") + DiagonalGaussianDistribution.sample; with
+        # pipe.vae = AutoencoderTiny, retrieve_latents returns .latents and latents_mean/std are None (v0.42)"""
         info = self.info
-        tiles = choose_tiles(info, image.shape[-2], image.shape[-1], tiling, tile_size)
+        if vae == "tiny":
+            latents = self.tiny_vae.encode(image)
+            self.done_with(self.tiny_vae.encoder)
+            return latents
+        budget = tiling_budget(self.max_memory_gb)  # what vae_tiling="auto" decides against
+        tiles = choose_tiles(info, image.shape[-2], image.shape[-1], tiling, tile_size, budget)
         if tiles is not None and tiles.tiles_encode(image.shape):
             call = lambda tile: self.vae_encoder({"sample": tile})["latent_parameters"]  # noqa: E731
             moments = tiled_encode(call, image, tiles, self.vae_encoder.release)  # [B, 8, h, w]
@@ -266,7 +291,8 @@ class SDXLPipeline(LoraMixin):
     def vae_tiles(self, latents_shape, tiling: str = "auto", tile_size: int | None = None) -> Tiles | None:
         """The tiles a full decode of latents of this shape runs on (runtime.vae.choose_tiles), None: untiled."""
         f = self.info.vae_scale_factor
-        tiles = choose_tiles(self.info, latents_shape[-2] * f, latents_shape[-1] * f, tiling, tile_size)
+        tiles = choose_tiles(self.info, latents_shape[-2] * f, latents_shape[-1] * f, tiling, tile_size,
+                             tiling_budget(self.max_memory_gb))  # fmt: skip
         return tiles if tiles is not None and tiles.tiles_decode(latents_shape) else None
 
     def decode(self, latents: np.ndarray, decoder: str = "full", tiles: Tiles | None = None) -> np.ndarray:

@@ -7,7 +7,8 @@
   mid-block attention see the whole tile, so padding would change the numbers). The tiles run grouped by shape
   and each shape's compiled model is released after its group, so one tile's memory is held at a time.
 - tiny: a diffusers AutoencoderTiny converted with `python -m convert ... --tiny-vae` (vae_decoder_tiny/,
-  vae_encoder_tiny/): as diffusers' SDXL pipeline with `pipe.vae = AutoencoderTiny(...)`.
+  vae_encoder_tiny/): as diffusers' SDXL pipelines with `pipe.vae = AutoencoderTiny(...)`, it both decodes the
+  final image and encodes img2img's and inpainting's image (never tiled: vae_tiling is for the full VAE).
 - previews of a step's predicted x0: "approx" (a fixed latent -> RGB projection, no model) or "tiny".
 """
 
@@ -114,10 +115,13 @@ class TinyVAE:
     def available(self) -> bool:
         return (self.dir / TINY_DECODER / "openvino_model.xml").is_file()
 
-    def require(self) -> None:
-        """One RuntimeInputError line now, before any work, when the folder has no tiny decoder."""
+    def require(self, encoder: bool = False) -> None:
+        """One RuntimeInputError line now, before any work, when the folder has no tiny decoder (or, encoder=True:
+        no tiny encoder, which img2img and inpainting with vae_decoder="tiny" encode with)."""
         if not self.available:
             raise self._missing(TINY_DECODER)
+        if encoder and not (self.dir / TINY_ENCODER / "openvino_model.xml").is_file():
+            raise self._missing(TINY_ENCODER)
 
     def _missing(self, sub: str) -> RuntimeInputError:
         return RuntimeInputError(

@@ -28,14 +28,18 @@ def base():
     return models.source_dir("base"), models.ov_dir("base", tiny_vae=True), models.tiny_autoencoder_dir()
 
 
-def _diffusers(src, seed, img2img=False, tiny=None, tile=None, **kwargs):
-    """diffusers' SDXL pipeline (fp32) with pipe.vae = AutoencoderTiny(tiny), or vae.enable_tiling() with
-    tile_sample_min_size = tile (tile_latent_min_size = tile / 8; True: the config's) -> (latents, uint8 images)."""
+def _diffusers(src, seed, img2img=False, tiny=None, tile=None, inpaint=False, euler_a=False, **kwargs):
+    """diffusers' SDXL pipeline (fp32; img2img, inpaint; euler_a: EulerAncestralDiscreteScheduler) with
+    pipe.vae = AutoencoderTiny(tiny), or vae.enable_tiling() with tile_sample_min_size = tile
+    (tile_latent_min_size = tile / 8; True: the config's) -> (latents, uint8 images)."""
     import diffusers
 
     cls = diffusers.StableDiffusionXLImg2ImgPipeline if img2img else diffusers.StableDiffusionXLPipeline
+    cls = diffusers.StableDiffusionXLInpaintPipeline if inpaint else cls
     pipe = cls.from_pretrained(src, dtype=torch.float32, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
+    if euler_a:
+        pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     if tiny is not None:
         pipe.vae = diffusers.AutoencoderTiny.from_pretrained(tiny, dtype=torch.float32)
     if tile is not None:
@@ -109,6 +113,37 @@ def test_folder_without_tiny_vae_is_one_line_error(tiny, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_tiny_vae_encodes_img2img_and_inpainting(base):
+    """vae_decoder="tiny" encodes the image with the tiny encoder too, as diffusers' img2img and inpaint pipelines
+    with pipe.vae = AutoencoderTiny(...) (its latents, no posterior draw); the full VAE's encode differs."""
+    src, ov_dir, tiny_src = base
+    kwargs = dict(SMALL, image=_image(64, 64), strength=0.75)  # 3 of 4 steps
+    ours = _ours(ov_dir, 9, vae_decoder="tiny", **kwargs)
+    assert_parity(ours, _diffusers(src, 9, img2img=True, tiny=tiny_src, **kwargs))
+    assert not np.allclose(ours[0], _ours(ov_dir, 9, **kwargs)[0], atol=1e-2)  # the full VAE's encode
+    mask = np.zeros((64, 64), np.uint8)
+    mask[8:40, 16:56] = 255
+    kwargs = dict(kwargs, image=_image(64, 64), mask_image=Image.fromarray(mask), height=64, width=64)
+    ours = _ours(ov_dir, 10, vae_decoder="tiny", scheduler="euler_a", **kwargs)  # step noise after the encodes
+    assert_parity(ours, _diffusers(src, 10, inpaint=True, tiny=tiny_src, euler_a=True, **kwargs))
+
+
+def test_tiny_vae_without_its_encoder_is_one_line_error(base, tmp_path):
+    _, ov_dir, _ = base
+    folder = tmp_path / "no-tiny-encoder"
+    folder.mkdir()
+    for item in ov_dir.iterdir():
+        if item.name != vae.TINY_ENCODER:
+            (folder / item.name).symlink_to(item)
+    pipe = our_pipe(str(folder))
+    assert pipe.generate(prompt="a cat", vae_decoder="tiny", height=64, width=64) is not None  # text2img: no encode
+    image, mask = _image(64, 64), Image.new("L", (64, 64), 255)
+    for kwargs in (dict(image=image), dict(image=image, mask_image=mask)):
+        with pytest.raises(RuntimeInputError, match=r"no tiny VAE \(vae_encoder_tiny/\).*--tiny-vae"):
+            pipe.generate(prompt="a cat", vae_decoder="tiny", **kwargs)
+        assert pipe.generate(prompt="a cat", **kwargs) is not None  # the full VAE encodes
+
+
 # -- tiled decode and encode ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tile,size", [(None, (192, 256)), (64, (200, 264)), (96, (320, 224))])
 def test_tiled_vae_matches_diffusers_components(base, tile, size):
@@ -170,6 +205,54 @@ def test_auto_tiling_follows_the_memory(base):
     assert vae.choose_tiles(info, 1024, 1024, "auto", 64, available=need) == vae.Tiles(64, 8)
     assert vae.choose_tiles(info, 64, 64, "on") == vae.Tiles(128, 16)
     assert vae.choose_tiles(info, 4096, 4096, "off", available=1) is None
+
+
+def test_memory_check_counts_the_decode_that_runs(base):
+    """A size refused with the untiled decode under a limit fits tiled ("on", and "auto", which tiles under that
+    limit at decode time too); the refusal names the VAE stage."""
+    from runtime.pipeline import SDXLPipeline
+
+    _, ov_dir, _ = base
+    info = ModelInfo.load(ov_dir)
+    untiled, tiled = info.memory_estimate(512, 512), info.memory_estimate(512, 512, tiles=vae.Tiles.of(info))
+    limit = 20 * 2**20
+    assert sum(tiled.values()) < limit < sum(untiled.values()) and tiled["vae_decoder"] < untiled["vae_decoder"]
+    pipe = SDXLPipeline(ov_dir, cache_dir=None, precision="f32", max_memory_gb=limit / 2**30)
+    common = dict(prompt="a cat", height=512, width=512, num_inference_steps=1, seed=0)
+    with pytest.raises(RuntimeInputError, match=r"512x512 .*\(vae_decoder: 24\.0 MiB\).*--vae-tiling on"):
+        pipe.generate(vae_tiling="off", **common)
+    assert pipe.generate(vae_tiling="on", **common) is not None
+    result = pipe(vae_tiling="auto", **common)
+    assert result.parameters["vae_tiling"] == "on" and result.images.shape == (1, 512, 512, 3)
+    with pytest.raises(RuntimeInputError, match="vae_decoder"):  # the same under a limit the tiles exceed too
+        SDXLPipeline(ov_dir, cache_dir=None, max_memory_gb=10 / 1024).generate(vae_tiling="auto", **common)
+
+
+def test_memory_estimate_of_the_tiny_and_tiled_decoders(base, tmp_path):
+    """SDXL's VAE (real config): 256 x H x W values untiled, the same on a 512 px tile plus the tiles' RGB outputs;
+    TAESDXL (AutoencoderTiny's defaults, no config here): 64 x H x W; the test folder's tiny decoder: 16 x H x W."""
+    import dataclasses
+
+    from runtime import memory
+
+    _, ov_dir, _ = base
+    info = ModelInfo.load(ov_dir)
+    assert memory.vae_bytes(info, 1024, 768, "tiny") == 3 * 16 * 1024 * 768 * 4
+    sdxl = dataclasses.replace(info, dir=tmp_path, vae_config={"block_out_channels": [128, 256, 512, 512]})
+    px = 1024 * 1024
+    assert memory.vae_bytes(sdxl, 1024, 1024) == 3 * 256 * px * 4
+    assert memory.vae_bytes(sdxl, 1024, 1024, tiles=vae.Tiles(512, 64)) == 3 * 256 * px // 4 * 4 + 3 * 4 * (
+        9 * px // 4 + px
+    )  # 3x3 tiles (steps of 48 latents)
+    tiny = sdxl.memory_estimate(1024, 1024, vae_decoder="tiny")
+    assert tiny["vae_decoder"] == 3 * 64 * px * 4
+    full = sum(sdxl.memory_estimate(1024, 1024).values())
+    limit = (sum(tiny.values()) + full) / 2
+    with pytest.raises(RuntimeInputError, match="vae_decoder"):
+        memory.check(sdxl, 1024, 1024, limit=limit)
+    memory.check(sdxl, 1024, 1024, limit=limit, vae_decoder="tiny")
+    with pytest.raises(RuntimeInputError, match=r"vae_decoder \(tiny\)"):
+        memory.check(sdxl, 1024, 1024, limit=sum(tiny.values()) - 1, vae_decoder="tiny")
 
 
 # -- previews ------------------------------------------------------------------------------------------------------
