@@ -28,7 +28,7 @@ def _txt2img(server: LiveServer, i: int, steps: int = 2, headers: dict | None = 
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = LiveServer("--model", f"tiny={model_dir}", "--queue-size", "8")
+    s = LiveServer("--model", f"tiny={model_dir}", "--queue-size", "8", "--max-steps", "1000")
     for i in range(3):  # steady state: compiled, buffers allocated
         assert _txt2img(s, i)[0] == 200
     yield s
@@ -68,7 +68,8 @@ def test_cancel_under_load_and_memory(server):
     rss_before = server.rss()
     gone_before = server.metric("sdxl_requests_total", route="/sdapi/v1/txt2img", outcome="disconnected")
     socks = []
-    body = json.dumps({"prompt": "slow", "steps": 100, "width": 128, "height": 128}).encode()
+    # 1000 steps (~5 s) at the steady state's 64x64: the running one still runs when its client goes away
+    body = json.dumps({"prompt": "slow", "steps": 1000, "width": 64, "height": 64}).encode()
     for _ in range(5):  # five clients queue slow jobs (one runs, four wait), then go away
         s = socket.create_connection(("127.0.0.1", server.port))
         s.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
