@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.flops import achieved, counted, figures_line, unet_flops_at
 from benchmarks.memory import peak_rss_self
 
 HERE = Path(__file__).resolve().parent
@@ -159,6 +160,21 @@ def accuracy(model_dir: Path, size: int, components: list[str]) -> dict:
     return out
 
 
+def _unet_figures(model: Path, size: int, rows: list[dict]) -> dict:
+    """Each UNet row's FLOPs per call (batch 2; "two batch-1 calls" do the same work) and achieved GFLOP/s (FLOPs /
+    its median seconds per call); -> the runtime's choice's figures for the record, {} without UNet rows."""
+    if not any(r["component"] == "unet" for r in rows):
+        return {}
+    flops = counted(unet_flops_at, model / "unet" / "openvino_model.xml", size, size, 2)  # read, reshaped
+    if flops is None:
+        return {}
+    for r in rows:
+        if r["component"] == "unet":
+            r |= achieved(flops, [r["s_per_call"]])
+    ours = next((r for r in rows if r["component"] == "unet" and r["ours"]), None)
+    return {k: ours[k] for k in achieved(flops, [1.0])} if ours else {}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
@@ -210,6 +226,7 @@ def main(argv=None) -> int:
                          peak_rss=max(g["peak_rss"] for g in got),
                          compile_s=statistics.median(g["compile_s"] for g in got)))  # fmt: skip
     base = {r["component"]: r["s_per_call"] for r in rows if r["ours"]}
+    unet = _unet_figures(model, args.size, rows)
     lines = [f"model {model.name}, {args.size}x{args.size}, {args.rounds} rounds x {args.calls} calls per variant",
              "", "| model | variant | s per call (median) | vs ours | peak RSS MiB | compile s |",
              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
@@ -222,6 +239,8 @@ def main(argv=None) -> int:
     lines += ["", "bf16 against f32 on the same inputs: " + ", ".join(
         f"{c} " + (f"PSNR {v['psnr_db']:.1f} dB" if "psnr_db" in v else f"relative max error {v['rel_max_err']:.2e}")
         for c, v in acc.items())]  # fmt: skip
+    if unet:
+        lines += ["", f"unet (ours): {figures_line(unet)}"]
     print("\n".join(lines))
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with args.results.open("a") as f:
@@ -229,7 +248,7 @@ def main(argv=None) -> int:
 
         rec = {"model": model.name, "size": args.size, "rounds": args.rounds, "calls": args.calls,
                "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "accuracy": acc,
-               "matmul_size": args.matmul, "matmul_gflops": matmul_gflops(args.matmul)}  # fmt: skip
+               "matmul_size": args.matmul, "matmul_gflops": matmul_gflops(args.matmul), **unet}  # fmt: skip
         f.write(json.dumps(rec) + "\n")
     return 0
 

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.flops import achieved, call_shapes, counted, figures_line, unet_flops_at
 from benchmarks.memory import peak_rss_self
 
 HERE = Path(__file__).resolve().parent
@@ -106,14 +107,9 @@ def _time(xml: str, precision: str, size: int, calls: int) -> None:
     core = ov.Core()
     core.set_property({"CACHE_DIR": str(CACHE)})
     model = core.read_model(xml)
-    config = json.loads((folder_of(xml) / "config.json").read_text())
-    h = size // 8
-    shapes = {"sample": [2, 4, h, h], "timestep": [1], "encoder_hidden_states": [2, 77, config["cross_attention_dim"]],
-              "text_embeds": [2, 1280], "time_ids": [2, 6]}  # fmt: skip
-    if config.get("time_cond_proj_dim"):
-        shapes["timestep_cond"] = [2, config["time_cond_proj_dim"]]
-    names = [p.get_any_name() for p in model.inputs]
-    model.reshape({n: shapes[n] for n in names})
+    shapes = call_shapes(model, size, size, 2)  # the IR's inputs as the runtime feeds them; the FLOPs' shapes
+    names = list(shapes)
+    model.reshape(shapes)
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
     load = time.perf_counter() - t0
     rss_compiled = peak_rss_self()
@@ -131,15 +127,6 @@ def _time(xml: str, precision: str, size: int, calls: int) -> None:
     out = {"load_compile_s": load, "warmup_s": times[0], "calls_s": times[1:], "rss_after_compile": rss_compiled,
            "peak_rss": peak_rss_self()}  # fmt: skip
     print(json.dumps(out))
-
-
-def folder_of(xml: str) -> Path:
-    """The UNet's config.json: beside the IR, or in the fp16 folder the variant was made from."""
-    p = Path(xml).parent
-    if (p / "config.json").is_file():
-        return p
-    model = p.name.split("-random-unet-")[0]
-    return folder(model) / "unet"
 
 
 def ir_bytes(xml: Path) -> int:
@@ -164,13 +151,17 @@ def time_all(models: list[str], size: int, rounds: int, calls: int, variants: li
                 print(f"round {r + 1}/{rounds} {model:14s} {name:14s} {statistics.median(run['calls_s']):7.2f} s/call"
                       f"  compile {run['load_compile_s']:6.1f} s  peak RSS {run['peak_rss'] / 2**30:5.2f} GiB",
                       flush=True)  # fmt: skip
-    out = []
+    out, flops = [], {}
     for (model, name), rec in records.items():
         if not rec["runs"]:
             continue
         suffix = next(v[1] for v in variants if v[0] == name)
         calls_all = [c for run in rec["runs"] for c in run["calls_s"]]
         rec |= {"median_call_s": statistics.median(calls_all), "ir_bytes": ir_bytes(variant_xml(model, suffix))}
+        if model not in flops:  # the fp16 IR's count for every variant: the int8 IRs do the same MatMuls and convs
+            flops[model] = counted(unet_flops_at, variant_xml(model, None), size, size, 2)  # read, reshaped
+        if flops[model]:
+            rec |= achieved(flops[model], calls_all)
         rec |= _rss(rec["runs"])
         out.append(rec)
     return out
@@ -196,8 +187,8 @@ def latest_records() -> list[dict]:
 
 
 def table(records: list[dict]) -> str:
-    lines = ["| model | size | variant | s/call (median) | vs bf16 | vs f32 | peak RSS | RSS vs bf16 | IR size |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | size | variant | s/call (median) | vs bf16 | vs f32 | peak RSS | RSS vs bf16 | IR size "
+             "| GFLOP/call | achieved GFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     by = {(r["model"], r["size"], r["variant"]): r for r in records}
     for r in records:
         bf16 = by.get((r["model"], r["size"], "fp16 IR, bf16"))
@@ -205,8 +196,10 @@ def table(records: list[dict]) -> str:
         sp = f"{bf16['median_call_s'] / r['median_call_s']:.2f}x" if bf16 else "-"
         sp32 = f"{f32['median_call_s'] / r['median_call_s']:.2f}x" if f32 else "-"
         rss = f"{r['peak_rss'] / bf16['peak_rss'] * 100:.0f} %" if bf16 else "-"
+        fl = (f"{r['unet_gflop_per_call']:.0f} | {r['unet_achieved_gflops']:.0f}" if "unet_achieved_gflops" in r
+              else "- | -")  # fmt: skip
         lines.append(f"| {r['model']} | {r['size']} | {r['variant']} | {r['median_call_s']:.2f} | {sp} | {sp32} | "
-                     f"{r['peak_rss'] / 2**30:.2f} GiB | {rss} | {r['ir_bytes'] / 2**30:.2f} GiB |")  # fmt: skip
+                     f"{r['peak_rss'] / 2**30:.2f} GiB | {rss} | {r['ir_bytes'] / 2**30:.2f} GiB | {fl} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -254,6 +247,10 @@ def main(argv=None) -> int:
         for rec in records:
             f.write(json.dumps({"stage": "time", **env, **rec}) + "\n")
     print(table(records))
+    if any("unet_flops_method" in r for r in records):
+        print(f"FLOPs per call: {next(r for r in records if 'unet_flops_method' in r)['unet_flops_method']}")
+    for rec in (r for r in records if "unet_achieved_gflops" in r):
+        print(f"{rec['model']} {rec['variant']}: {figures_line(rec)}")
     return 0
 
 

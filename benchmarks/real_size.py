@@ -15,7 +15,9 @@ The strategy flags (--deepcache-*, --guidance-cutoff) apply to every run; --vari
 variant (parameter overrides, "plain" for none), interleaved --repeat times. A run with DeepCache or a guidance
 cut-off is not projected (its steps differ in cost): compare variants at the measured step count, by the UNet's
 seconds (the sum of its calls' inference times) and end to end. Each invocation measures a 4096^3 MatMul's
-GFLOP/s (numpy f32, OpenVINO bf16 and f32) first and records it with every result.
+GFLOP/s (numpy f32, OpenVINO bf16 and f32) first and records it with every result, next to the UNet's FLOPs per
+call (benchmarks.flops, counted from the IR at the first call's shapes) and its achieved GFLOP/s (those FLOPs / the
+median seconds of the full calls at those shapes).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.flops import achieved, counted, figures_line, unet_flops
 from benchmarks.memory import peak_rss_self
 
 HERE = Path(__file__).resolve().parent
@@ -47,12 +50,21 @@ STRATEGY = ("deepcache_interval", "deepcache_branch", "deepcache_schedule", "dee
 
 def _timed(pipe, **kw) -> dict:
     """One generation: seconds to the first step (text encoding + setup), each step, and the decode; the UNet's
-    calls (inference seconds each, how many ran DeepCache's shallow branch)."""
+    calls (inference seconds each, how many ran DeepCache's shallow branch, the input shapes of each full call)."""
+    full: dict[int, dict] = {}  # call index -> input shapes, for each full UNet call (the observers see those only)
+
+    def observe(inputs):
+        full[len(gen.denoiser.call_seconds)] = {k: list(v.shape) for k, v in inputs.items()}
+
+    pipe.unet_observers.append(observe)
     t0 = now()
     gen = pipe.generate(**kw)
     marks = [t0]
-    for _ in gen:
-        marks.append(now())
+    try:
+        for _ in gen:
+            marks.append(now())
+    finally:
+        pipe.unet_observers.remove(observe)
     t_loop = now()
     result = gen.result()
     end = now()
@@ -63,6 +75,10 @@ def _timed(pipe, **kw) -> dict:
     if denoiser is not None:
         out |= {"unet_calls_s": list(denoiser.call_seconds), "unet_s": sum(denoiser.call_seconds),
                 "shallow_calls": getattr(denoiser, "shallow_calls", 0)}  # fmt: skip
+        shapes = list({json.dumps(v): v for v in full.values()}.values())  # distinct, in order of first use
+        # per call: the index of its input shapes in unet_shapes (full calls), None for a shallow call
+        kinds = [shapes.index(full[i]) if i in full else None for i in range(len(denoiser.call_seconds))]
+        out |= {"unet_shapes": shapes, "unet_call_shape": kinds}
     return out
 
 
@@ -125,6 +141,33 @@ def project(rec: dict, target: int, steps: int) -> float:
     return rec["end_to_end_s"] + (target - steps) * _step(rec)
 
 
+def _part_figures(part: dict, xml: Path, cache: dict) -> dict:
+    """A generation's UNet FLOPs per call at its first call's shapes (a full call at the guided batch) and the
+    achieved GFLOP/s over the calls at those shapes: FLOPs / their median seconds (DeepCache's shallow calls and
+    the guidance cut-off's batch-B calls do other work and are left out)."""
+    if not part.get("unet_shapes"):
+        return {}
+    key = (str(xml), json.dumps(part["unet_shapes"][0]))
+    if key not in cache:  # the IR read (weights memory-mapped) and reshaped, not compiled
+        cache[key] = counted(unet_flops, xml, part["unet_shapes"][0])
+    if cache[key] is None:
+        return {}
+    seconds = [s for s, k in zip(part["unet_calls_s"], part["unet_call_shape"], strict=True) if k == 0]
+    return achieved(cache[key], seconds) | {"unet_achieved_calls": len(seconds)}
+
+
+def unet_figures(rec: dict, model: str, refiner: str | None, weights: str, cache: dict) -> dict:
+    """The record's UNet FLOPs per call and achieved GFLOP/s (base + refiner: each part's in its part, the
+    base's at the top)."""
+    if "parts" not in rec:
+        return _part_figures(rec, _folder(model, weights) / "unet" / "openvino_model.xml", cache)
+    for name, m in (("base", model), ("refiner", refiner)):
+        rec["parts"][name] |= _part_figures(rec["parts"][name], _folder(m, weights) / "unet" / "openvino_model.xml",
+                                            cache)  # fmt: skip
+    figures = ("unet_gflop_per_call", "unet_flops_method", "unet_achieved_gflops", "unet_achieved_calls")
+    return {k: rec["parts"]["base"][k] for k in figures if k in rec["parts"]["base"]}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_child":
@@ -175,6 +218,7 @@ def main(argv=None) -> int:
     from runtime.params import ModelInfo
 
     runs = [(model, over) for _ in range(args.repeat) for model in args.models for over in variants]
+    flops_cache: dict = {}  # (IR, input shapes) -> its FLOPs per call, counted once
     for model, over in runs:
         try:
             info = ModelInfo.load(_folder(model, args.weights))
@@ -196,6 +240,7 @@ def main(argv=None) -> int:
             continue
         rec = {**spec, **json.loads(line[9:]), "wall_s": wall, "date": time.strftime("%Y-%m-%d %H:%M"),
                "commit": _commit(), "matmul_gflops": matmul}  # fmt: skip
+        rec |= unet_figures(rec, model, args.refiner, args.weights, flops_cache)
         strategic = strategy.get("deepcache_interval", 1) > 1 or strategy.get("guidance_cutoff") is not None
         target = steps if lcm or strategic else args.project
         rec["projected_steps"] = target
@@ -214,6 +259,9 @@ def main(argv=None) -> int:
             f"peak RSS {rec['peak_rss'] / 2**30:.2f} GiB{' (low memory)' if args.low_memory else ''}",
             flush=True,
         )
+        if "unet_achieved_gflops" in rec:
+            bf16 = f"; MatMul {matmul['openvino_bf16']:.0f} bf16 GFLOP/s" if matmul else ""
+            print(f"  {figures_line(rec)} over {rec['unet_achieved_calls']} full calls{bf16}", flush=True)
     return 0
 
 

@@ -7,9 +7,10 @@
 Every run of every pipeline is a child process (its own peak RSS, no state shared between pipelines), and the
 runs are interleaved (ours, anchor 1, anchor 2, ours, ...) so that the machine's noise falls on all of them.
 Ours: benchmarks.timing (through the runtime's public API); the anchors: benchmarks.anchors; the tables and
-the chart: benchmarks.report. The children start in this checkout's root, whatever the current folder: run
-`python -m benchmarks.run` where `benchmarks` imports (the root, or with it on PYTHONPATH), or
-`python path/to/benchmarks/run.py` from anywhere.
+the chart: benchmarks.report. Next to the day's MatMul GFLOP/s, each run of ours records the UNet's FLOPs per call
+(benchmarks.flops, from the IR at the call's shapes) and its achieved GFLOP/s (FLOPs / median UNet call). The
+children start in this checkout's root, whatever the current folder: run `python -m benchmarks.run` where
+`benchmarks` imports (the root, or with it on PYTHONPATH), or `python path/to/benchmarks/run.py` from anywhere.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ if __package__ in (None, ""):  # run as a file: import this checkout's packages,
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import anchors, report  # noqa: E402
+from benchmarks.flops import achieved, counted, figures_line, unet_flops, unet_xml  # noqa: E402
 from benchmarks.summary import summarize  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"
@@ -156,6 +158,8 @@ def measure_runs(args, spec: dict, arms: list[str], emit) -> dict[str, str] | No
         print(f"error: our pipeline failed: {found['error']}", file=sys.stderr)
         return None
     spec = {**spec, "shapes": found["shapes"]}
+    # the UNet's FLOPs per call at the shapes of its calls (IR read and reshaped, not compiled)
+    flops = counted(unet_flops, unet_xml(spec["model"]), found["shapes"]["unet"][0])
     failed: dict[str, str] = {}
     for run in range(args.warmup + args.runs):
         warm = run < args.warmup
@@ -176,8 +180,11 @@ def measure_runs(args, spec: dict, arms: list[str], emit) -> dict[str, str] | No
                 emit({**rec, "stage": stage, "seconds": seconds})
             emit({**rec, "stage": "peak_rss", "bytes": res["peak_rss_bytes"]})
             if "detail" in res:
+                if arm == "ours" and flops:  # next to the day's MatMul GFLOP/s: the UNet's achieved GFLOP/s
+                    res["detail"] |= achieved(flops, res["detail"]["unet_calls"])
                 emit({"kind": "detail", "arm": arm, "run": run, "warmup": warm, **res["detail"]})
-            print(f"run {run}{' (warm-up)' if warm else ''} {arm}: end to end {res['stages']['end_to_end']:.4f} s")
+            print(f"run {run}{' (warm-up)' if warm else ''} {arm}: end to end {res['stages']['end_to_end']:.4f} s"
+                  + (f"; {figures_line(res['detail'])}" if arm == "ours" and flops else ""))  # fmt: skip
     return failed
 
 
@@ -223,6 +230,11 @@ def main(argv=None) -> int:
         if failed is None:
             return 1
         summary, text, bars = summarize(records, spec, args, status, failed, cpu_info())
+        mine = [r for r in records if r["kind"] == "detail" and r["arm"] == "ours" and not r["warmup"]]
+        if mine and "unet_gflop_per_call" in mine[0]:  # over every measured run's UNet calls
+            per_call = {"gflop": mine[0]["unet_gflop_per_call"], "method": mine[0]["unet_flops_method"]}
+            summary |= achieved(per_call, [c for r in mine for c in r["unet_calls"]])
+            text += f"\n{figures_line(summary)}; MatMul {bf16:.0f} bf16 / {f32:.0f} f32 GFLOP/s\n"
         emit(summary)
     (out / "table.md").write_text(text)
     report.draw_chart(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 
@@ -44,6 +45,13 @@ def test_benchmark_smoke(tmp_path):
     calls = detail["model_calls"]
     assert set(calls) == models and all(len(v) == 1 and v[0] > 0 for v in calls.values()), calls
     assert set(detail["compile_cold_per_model"]) == models | {"unet"}
+    # the UNet's FLOPs per call at the call's shapes (batch 2, 16 x 16 latent), its achieved GFLOP/s per run
+    from benchmarks.flops import call_shapes, unet_flops
+
+    xml = model / "unet" / "openvino_model.xml"
+    gflop = unet_flops(xml, call_shapes(xml, 128, 128, 2))["gflop"]
+    assert detail["unet_gflop_per_call"] == gflop > 0 and "2 x multiply-accumulates" in detail["unet_flops_method"]
+    assert detail["unet_achieved_gflops"] == gflop / statistics.median(detail["unet_calls"])
 
     summary = next(r for r in records if r["kind"] == "summary")
     for key in ("openvino", "device", "precision", "cpu_flags", "model", "height", "width", "steps", "model_bytes"):
@@ -51,6 +59,7 @@ def test_benchmark_smoke(tmp_path):
     assert summary["steps"] == 2 and summary["height"] == summary["width"] == 128
     assert 0 < summary["bound"] <= summary["medians"]["end_to_end"] * 1.5
     assert summary["overhead_ratio"] > 0 and summary["images_per_s"] > 0
+    assert summary["unet_gflop_per_call"] == gflop and summary["unet_achieved_gflops"] == detail["unet_achieved_gflops"]
     assert "overhead ratio" in proc.stdout
     targets = {t["target"]: t for t in summary["targets"]}
     assert targets["overhead ratio (end to end / bound)"]["value"] == summary["overhead_ratio"]
@@ -63,6 +72,7 @@ def test_benchmark_smoke(tmp_path):
     table = (out / "table.md").read_text()
     assert "| stage | median s | share of end-to-end |" in table and "| end_to_end |" in table
     assert "| target | measured | paired | limit | met |" in table
+    assert f"UNet {gflop:.1f} GFLOP per call, achieved {summary['unet_achieved_gflops']:.1f} GFLOP/s" in table
     with Image.open(out / "stages.png") as im:
         im.load()
         assert im.width > 0 and im.height > 0
@@ -126,6 +136,62 @@ def test_choices_measures_each_variant_against_the_runtimes_choice(tmp_path):
     for c in ("unet", "text_encoder_2"):
         assert 0 < rec["accuracy"][c]["rel_max_err"] < 0.1
     assert "| unet | two batch-1 calls per step |" in proc.stdout
+    # each UNet row: FLOPs per batch-2 call and achieved GFLOP/s = FLOPs / its median seconds; the record: ours
+    from benchmarks.flops import call_shapes, unet_flops
+
+    xml = ov_dir("base") / "unet" / "openvino_model.xml"
+    gflop = unet_flops(xml, call_shapes(xml, 64, 64, 2))["gflop"]
+    for r in rows.values():
+        if r["component"] == "unet":
+            assert r["unet_gflop_per_call"] == gflop > 0 and r["unet_achieved_gflops"] == gflop / r["s_per_call"]
+        else:
+            assert "unet_achieved_gflops" not in r
+    ours = next(r for r in rows.values() if r["ours"] and r["component"] == "unet")
+    assert rec["unet_achieved_gflops"] == ours["unet_achieved_gflops"] and rec["unet_gflop_per_call"] == gflop
+    assert f"unet (ours): UNet {gflop:.1f} GFLOP per call" in proc.stdout
 
     bad = subprocess.run([*cmd[:4], str(tmp_path), *cmd[5:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") and len(bad.stderr.splitlines()) == 1
+
+
+def test_real_size_records_the_unets_achieved_gflops(monkeypatch):
+    """benchmarks.real_size's child and record on the tiny model: the UNet's FLOPs per call at its first call's
+    shapes and the achieved GFLOP/s = FLOPs / the median seconds of the full calls at those shapes (DeepCache's
+    shallow calls and the guidance cut-off's batch-1 calls left out)."""
+    from benchmarks import real_size
+    from benchmarks.flops import call_shapes, unet_flops
+
+    monkeypatch.setattr(real_size, "_folder", lambda name, weights: ov_dir("base"))
+    xml = ov_dir("base") / "unet" / "openvino_model.xml"
+    spec = dict(model="tiny", weights="fp32", size=64, steps=2, low_memory=False, refiner=None, high_noise_frac=0.8)
+    cache: dict = {}
+    plain = {**spec, **real_size.child(spec)}
+    plain |= real_size.unet_figures(plain, "tiny", None, "fp32", cache)
+    assert plain["unet_call_shape"] == [0, 0] and plain["unet_achieved_calls"] == 2
+    assert plain["unet_gflop_per_call"] == unet_flops(xml, call_shapes(xml, 64, 64, 2))["gflop"] > 0
+    assert plain["unet_achieved_gflops"] == plain["unet_gflop_per_call"] / statistics.median(plain["unet_calls_s"])
+    assert "2 x multiply-accumulates" in plain["unet_flops_method"]
+    # 4 steps, DeepCache N=3 (full steps 0 and 3), guidance cut off after step int(4 x 0.5) = 2 (step 3: batch 1)
+    mixed = {**spec, "steps": 4, "deepcache_interval": 3, "guidance_cutoff": 0.5}
+    mixed |= real_size.child(mixed)
+    mixed |= real_size.unet_figures(mixed, "tiny", None, "fp32", cache)
+    assert mixed["unet_call_shape"] == [0, None, None, 1] and mixed["shallow_calls"] == 2
+    assert [s["sample"][0] for s in mixed["unet_shapes"]] == [2, 1]
+    assert mixed["unet_achieved_calls"] == 1 and len(cache) == 1  # the same shapes: counted once
+    assert mixed["unet_achieved_gflops"] == plain["unet_gflop_per_call"] / mixed["unet_calls_s"][0]
+
+
+def test_quant_real_records_the_unets_achieved_gflops(monkeypatch, tmp_path):
+    """benchmarks.quant_real's timing on the tiny model: each record has the UNet's FLOPs per batch-2 call and the
+    achieved GFLOP/s = FLOPs / the median call's seconds; the table shows both."""
+    from benchmarks import quant_real
+    from benchmarks.flops import call_shapes, unet_flops
+
+    (tmp_path / "tiny-random-ov-fp16").symlink_to(ov_dir("base"))
+    monkeypatch.setattr(quant_real, "OUT", tmp_path)
+    (rec,) = quant_real.time_all(["tiny"], 64, rounds=1, calls=2, variants=[("fp16 IR, f32", None, "f32")])
+    xml = ov_dir("base") / "unet" / "openvino_model.xml"
+    assert rec["unet_gflop_per_call"] == unet_flops(xml, call_shapes(xml, 64, 64, 2))["gflop"] > 0
+    assert rec["unet_achieved_gflops"] == rec["unet_gflop_per_call"] / rec["median_call_s"]
+    row = quant_real.table([rec]).splitlines()[-1]
+    assert row.endswith(f"| {rec['unet_gflop_per_call']:.0f} | {rec['unet_achieved_gflops']:.0f} |"), row
