@@ -14,13 +14,13 @@ setup:  ## build-time + dev + serve install (torch CPU build from this machine's
 demo: setup  ## tiny random-weight SDXL -> OpenVINO -> demo.png
 	$(PY) -m convert.demo --out $(DEMO)
 
-test: setup  ## lint + the whole suite (includes the torch-free runtime check)
+test: setup  ## lint + the whole suite (includes the torch-free runtime check), on 2 workers (pytest-xdist)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup  ## lint + the fast tier (one parity case, schedulers, RNG, parameter and CLI errors)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 lint:
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -31,8 +31,15 @@ FAST: dict[str, str | set[str]] = {
 }
 
 
+# Under pytest-xdist (`-n 2 --dist loadgroup`, what `make test` runs) a module's tests stay on one worker, so its
+# module-scoped fixtures (a converted folder, a live server) are made once; the modules that start a Ray cluster
+# share one worker, so that two clusters never run at once.
+XDIST_GROUPS = {"test_batch.py": "ray", "test_serve_ray.py": "ray"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(item.path.name, item.path.name)))
         fast = FAST.get(item.path.name)
         name, base = item.name, item.name.split("[")[0]
         if not (fast == "*" or (isinstance(fast, set) and (name in fast or base in fast))):
