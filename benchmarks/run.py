@@ -34,6 +34,8 @@ from benchmarks.flops import achieved, counted, figures_line, unet_flops, unet_x
 from benchmarks.summary import summarize  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"
+STRATEGY = ("deepcache_interval", "deepcache_branch", "deepcache_schedule", "deepcache_center", "deepcache_pow",
+            "guidance_cutoff")  # fmt: skip
 MARK = "@@BENCH@@ "
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile",
              "amx_bf16", "amx_int8")  # fmt: skip
@@ -89,6 +91,13 @@ def parse_args(argv):
     p.add_argument("--precision", choices=["f32", "bf16"])
     p.add_argument("--device", default="CPU")
     p.add_argument("--guidance-scale", type=float, help="default: the folder's preset (5 for SDXL)")
+    s = p.add_argument_group("compute less per image (our pipeline only; the anchors run plain)")
+    s.add_argument("--deepcache-interval", type=int, help="DeepCache: the full UNet every N steps (1 = off)")
+    s.add_argument("--deepcache-branch", type=int, help="DeepCache's cache_branch_id")
+    s.add_argument("--deepcache-schedule", choices=("uniform", "quadratic"))
+    s.add_argument("--deepcache-center", type=float)
+    s.add_argument("--deepcache-pow", type=float)
+    s.add_argument("--guidance-cutoff", type=float, help="guidance stops after this fraction of the steps")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--matmul", type=int, default=4096, help="the day's speed: an N^3 MatMul's GFLOP/s in the records")
@@ -144,9 +153,17 @@ def validate(args) -> tuple[list[str], dict]:
         args.diffusers_source = str(Path(args.diffusers_source).resolve())
     if args.optimum_python and os.sep in args.optimum_python:  # a path (a bare name is looked up in PATH)
         args.optimum_python = str(Path(args.optimum_python).absolute())
+    strategy = {k: getattr(args, k) for k in STRATEGY if getattr(args, k) is not None}
+    if strategy:  # the runtime's own checks, one line each, before any child starts
+        from runtime.params import GenerationParams
+
+        try:
+            GenerationParams.create(prompt=PROMPT, num_inference_steps=args.steps, **strategy)
+        except (RuntimeInputError, TypeError, ValueError) as e:
+            raise UsageError(str(e).splitlines()[0]) from None
     spec = dict(model=str(model), device=args.device, precision=args.precision, steps=args.steps, prompt=PROMPT,
                 height=args.height or info.default_size, width=args.width or info.default_size,
-                guidance_scale=guidance, diffusers_source=args.diffusers_source)  # fmt: skip
+                guidance_scale=guidance, diffusers_source=args.diffusers_source, strategy=strategy)  # fmt: skip
     return arms, spec
 
 
@@ -181,7 +198,7 @@ def measure_runs(args, spec: dict, arms: list[str], emit) -> dict[str, str] | No
             emit({**rec, "stage": "peak_rss", "bytes": res["peak_rss_bytes"]})
             if "detail" in res:
                 if arm == "ours" and flops:  # next to the day's MatMul GFLOP/s: the UNet's achieved GFLOP/s
-                    res["detail"] |= achieved(flops, res["detail"]["unet_calls"])
+                    res["detail"] |= achieved(flops, res["detail"]["unet_full_calls"])
                 emit({"kind": "detail", "arm": arm, "run": run, "warmup": warm, **res["detail"]})
             print(f"run {run}{' (warm-up)' if warm else ''} {arm}: end to end {res['stages']['end_to_end']:.4f} s"
                   + (f"; {figures_line(res['detail'])}" if arm == "ours" and flops else ""))  # fmt: skip
@@ -220,6 +237,8 @@ def main(argv=None) -> int:
         machine = matmul_gflops(args.matmul)  # the day's speed, next to every absolute time of this run
         bf16, f32 = machine["openvino_bf16"], machine["openvino_f32"]
         print(f"matmul {args.matmul}^3: OpenVINO {bf16:.0f} bf16 / {f32:.0f} f32 GFLOP/s")
+        if spec["strategy"]:
+            print("ours: " + " ".join(f"{k}={v}" for k, v in spec["strategy"].items()) + " (the anchors: plain)")
         emit({"kind": "machine", "matmul_size": args.matmul, "matmul_gflops": machine})
         for arm, why in status.items():
             if why:
@@ -230,10 +249,14 @@ def main(argv=None) -> int:
         if failed is None:
             return 1
         summary, text, bars = summarize(records, spec, args, status, failed, cpu_info())
+        if spec["strategy"]:
+            summary["strategy"] = spec["strategy"]
+            shown = " ".join(f"{k}={v}" for k, v in spec["strategy"].items())
+            text = f"Ours with {shown}; the anchors run plain.\n\n" + text
         mine = [r for r in records if r["kind"] == "detail" and r["arm"] == "ours" and not r["warmup"]]
         if mine and "unet_gflop_per_call" in mine[0]:  # over every measured run's UNet calls
             per_call = {"gflop": mine[0]["unet_gflop_per_call"], "method": mine[0]["unet_flops_method"]}
-            summary |= achieved(per_call, [c for r in mine for c in r["unet_calls"]])
+            summary |= achieved(per_call, [c for r in mine for c in r["unet_full_calls"]])
             text += f"\n{figures_line(summary)}; MatMul {bf16:.0f} bf16 / {f32:.0f} f32 GFLOP/s\n"
         emit(summary)
     (out / "table.md").write_text(text)

@@ -9,12 +9,16 @@ Where each figure comes from:
 - tokenize: the pipeline's tokenizers, wrapped (runtime.tokenizer.Tokenizer does not time itself);
   text_encoder, text_encoder_2: their OVModel.call_seconds (request.infer).
 - unet_*: the generation's step states, from the UNet's first call (seen by a `pipe.unet_observers` callable);
-  the UNet's own call times (`gen.denoiser.call_seconds`) go to the detail record. vae_decode: `result()`
-  after the loop (decode to uint8).
+  the UNet's own call times (`gen.denoiser.call_seconds`) go to the detail record, and those of its full calls
+  at the first call's shapes (DeepCache's shallow calls and the batch-1 calls after a guidance cut-off left out:
+  the achieved GFLOP/s is counted at those shapes). vae_decode: `result()` after the loop (decode to uint8).
 - the bound: the same compiled models called directly (OVModel.request), inputs set once, one untimed call,
   then timed calls: the text encoders on the token ids of the timed call, the UNet on the inputs of its first
   call (as many calls as the generation made), the VAE decoder on the final latents, one call per image as
-  decode does (unscaled: a model's time does not depend on its input values).
+  decode does (unscaled: a model's time does not depend on its input values). With DeepCache or a guidance
+  cut-off (spec["strategy"], `benchmarks.run --deepcache-interval/--guidance-cutoff`) the UNet's calls differ in
+  graph and batch: its bound is then the sum of its calls' own inference times, and the priming call is the
+  whole measured call, so that the shallow model and the batch-1 UNet are compiled before it.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from benchmarks.memory import peak_rss_self
 now = time.perf_counter
 
 
-def _kwargs(spec: dict, steps: int) -> dict:
+def _kwargs(spec: dict, steps: int, strategy: bool = True) -> dict:
+    """The call's arguments; strategy: with the run's DeepCache / guidance cut-off settings (benchmarks.run)."""
     return dict(prompt=spec["prompt"], height=spec["height"], width=spec["width"], num_inference_steps=steps,
-                guidance_scale=spec["guidance_scale"], seed=0, output_type="np")  # fmt: skip
+                guidance_scale=spec["guidance_scale"], seed=0, output_type="np",
+                **(spec.get("strategy") or {} if strategy else {}))  # fmt: skip
 
 
 def _pipeline(spec: dict, cache_dir: str = ""):
@@ -74,6 +80,8 @@ class Probe:
         self.token_ids: dict[str, list[np.ndarray]] = {}  # per text encoder, the ids of each call: [N, 77]
         self.first_unet_call: float | None = None
         self.unet_inputs: dict[str, np.ndarray] = {}
+        self.gen = None  # set to a generation: then each of its full UNet calls' index and sample shape
+        self.full_calls: list[tuple[int, tuple]] = []
         for enc in pipe.text_encoders:
             enc.tokenizer = _TimedTokenizer(
                 enc.tokenizer, self.tokenize, self.token_ids.setdefault(enc.encoder.name, [])
@@ -81,6 +89,9 @@ class Probe:
         pipe.unet_observers.append(self._observe)
 
     def _observe(self, inputs: dict[str, np.ndarray]) -> None:
+        denoiser = getattr(self.gen, "denoiser", None)  # made when the generation starts
+        if denoiser is not None:  # the observer runs just before the call's time is appended
+            self.full_calls.append((len(denoiser.call_seconds), inputs["sample"].shape))
         if self.first_unet_call is None:
             self.first_unet_call = now()
             self.unet_inputs = {k: np.array(v) for k, v in inputs.items()}  # copies: the views change per step
@@ -139,7 +150,7 @@ def discover(spec: dict) -> dict:
     """A 1-step call on a fresh pipeline -> the input shapes each model is called with at this size."""
     pipe = _pipeline(spec)
     probe = Probe(pipe)
-    result = pipe(**_kwargs(spec, 1))
+    result = pipe(**_kwargs(spec, 1, strategy=False))  # the full UNet at the guided batch
     return {"shapes": probe.shapes(result.latents)}
 
 
@@ -154,11 +165,14 @@ def measure(spec: dict) -> dict:
     st["compile_cold"] = sum(cold.values())
 
     probe = Probe(pipe)
-    pipe(**_kwargs(spec, 1))  # prime at the measured shapes: nothing is left to compile
+    # prime at the measured shapes: nothing is left to compile (DeepCache's shallow model and the cut-off's
+    # batch-1 UNet too: the whole call, once)
+    pipe(**_kwargs(spec, spec["steps"] if spec.get("strategy") else 1))
     probe.reset()
     marks = []
     t0 = now()
     gen = pipe.generate(**_kwargs(spec, spec["steps"]))
+    probe.gen = gen
     for _ in gen:
         marks.append(now())
     loop_end = now()
@@ -178,12 +192,18 @@ def measure(spec: dict) -> dict:
     known = ("tokenize", *(enc.name for enc in encoders), "unet_loop", "vae_decode")
     st["other"] = st["end_to_end"] - sum(st[k] for k in known)
     unet_calls = list(gen.denoiser.call_seconds)
+    first_shape = probe.full_calls[0][1] if probe.full_calls else None
+    full = [unet_calls[i] for i, shape in probe.full_calls if shape == first_shape and i < len(unet_calls)]
     detail = {"compile_cold_per_model": cold, "unet_steps": steps, "unet_calls": unet_calls,
+              "unet_full_calls": full, "strategy": spec.get("strategy") or {},
               "model_calls": {m.name: list(m.call_seconds) for m in (*encoders, pipe.vae_decoder)}}  # fmt: skip
 
     # The bound: the same compiled models, same static shapes and inputs, called directly.
     bound_enc = sum(_infer_seconds(m, {"input_ids": ids}) for m in encoders for ids in probe.token_ids[m.name])
-    bound_unet = _infer_seconds(pipe.unet, probe.unet_inputs, calls=len(unet_calls))
+    if spec.get("strategy"):  # calls of other graphs and batches: the bound is their own inference time
+        bound_unet = sum(unet_calls)
+    else:
+        bound_unet = _infer_seconds(pipe.unet, probe.unet_inputs, calls=len(unet_calls))
     latents = result.latents
     bound_vae = sum(
         _infer_seconds(pipe.vae_decoder, {"latent_sample": latents[i : i + 1]}) for i in range(len(latents))

@@ -97,6 +97,30 @@ def test_benchmark_smoke(tmp_path):
     assert "skipped:" in table
 
 
+def test_harness_takes_deepcache_and_the_guidance_cutoff(tmp_path):
+    """Ours with DeepCache N=3 and a cut-off at 0.5 of 6 steps: 6 UNet calls, 2 of them full at the guided batch
+    (steps 0 and 3; diffusers' recipe cuts after step int(6 x 0.5) = 3), the bound their own inference times."""
+    out = tmp_path / "out"
+    proc = _run("--model", ov_dir("base"), "--steps", 6, "--height", 64, "--width", 64, "--runs", 1, "--warmup", 0,
+                "--matmul", 128, "--against", "none", "--out", out, "--deepcache-interval", 3,
+                "--guidance-cutoff", 0.5)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "ours: deepcache_interval=3 guidance_cutoff=0.5 (the anchors: plain)" in proc.stdout
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    detail = next(r for r in records if r["kind"] == "detail" and r["arm"] == "ours")
+    assert detail["strategy"] == {"deepcache_interval": 3, "guidance_cutoff": 0.5}
+    calls, full = detail["unet_calls"], detail["unet_full_calls"]
+    assert len(calls) == 6 and full == [calls[0], calls[3]]
+    assert detail["unet_achieved_gflops"] == detail["unet_gflop_per_call"] / statistics.median(full)
+    bound = next(r for r in records if r["kind"] == "measurement" and r.get("stage") == "bound_unet")
+    assert bound["seconds"] == sum(calls)
+    summary = next(r for r in records if r["kind"] == "summary")
+    assert summary["strategy"] == detail["strategy"]
+    assert (out / "table.md").read_text().startswith("Ours with deepcache_interval=3 guidance_cutoff=0.5")
+    proc = _run("--model", ov_dir("base"), "--guidance-cutoff", 1.5, "--out", out / "bad")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: guidance_cutoff") and not (out / "bad").exists()
+
+
 def test_benchmark_bad_input(tmp_path):
     for args in (["--model", tmp_path, "--steps", 2], ["--model", ov_dir("base"), "--steps", 0]):
         proc = _run(*args, "--out", tmp_path / "out")
