@@ -1,16 +1,22 @@
-"""LoRA at run time vs fused at conversion, on the mid-size model (convert/tiny.py "mid"; never a timed test).
+"""LoRA at run time vs fused at conversion (never a timed test).
 
 python -m benchmarks.lora_runtime [--rank 16] [--size 512] [--steps 4] [--precision bf16] [--rounds 3] [--genai]
+    the mid-size model (convert/tiny.py "mid"), everything built here;
+python -m benchmarks.lora_runtime --folder DIR [--fused DIR] [--lora F --lora F] [--genai --genai-lora F] ...
+    a converted folder (e.g. real-size random weights): load / switch / compile / RSS figures, then the
+    configurations in turn, one compiled UNet at a time, interleaved for --rounds rounds;
+python -m benchmarks.lora_runtime --folder DIR --fused DIR --lora F --compare A,B [--genai-lora F] ...
+    two configurations kept compiled and alternated generation by generation (A B, B A, ...): the form that
+    survives this machine's changes of speed best.
 
-Per-UNet-call medians of a generation (denoiser.call_seconds, first call dropped), the configurations run in
-turn for --rounds rounds and the minimum kept (the machine may be shared):
+Per-UNet-call medians of a generation (denoiser.call_seconds, first call dropped; openvino.genai: its own
+timers, the mean of the calls after the first). Configurations:
 - plain: the folder, no adapter ever loaded (the code path of a pipeline without LoRA);
 - disabled: adapters loaded, then disable_lora() (zero tensors on the LoRA variant);
 - active: the LoRA at run time (runtime/lora.py: branches with their A and B as inputs);
 - fused: the same LoRA fused into a folder converted with --lora;
-- openvino.genai plain / active (--genai): its Text2ImagePipeline on the same model (an i64-timestep folder),
-  with the same LoRA as a kohya file in an AdapterConfig;
-and the UNet's cold compile (no model cache), set_adapters' time, the load times and the RSS the loads add.
+- openvino.genai plain / active: its Text2ImagePipeline (static shapes) on the same model (an i64-timestep
+  folder: the --fused one in the folder modes), with the same LoRA as a kohya file in an AdapterConfig.
 The LoRA: PEFT keys, rank R on the UNet's attention and feed-forward layers.
 """
 
@@ -87,11 +93,20 @@ def _ir_lora(folder: Path, path: Path, rank: int, seed: int) -> Path:
 
 
 def _folder_mode(a) -> int:
+    """Real-size mode: --folder plain, with a rank-R LoRA at run time, and --fused (the same LoRA fused at
+    conversion) and openvino.genai (--genai, on the --fused folder: an i64-timestep one), interleaved rounds, one
+    compiled UNet at a time (each configuration compiles, warms up with a 2-step generation, then times one of
+    --steps steps, and releases)."""
+    import gc
+
+    from benchmarks.machine import matmul_gflops
     from runtime.pipeline import SDXLPipeline
 
     tmp = Path(tempfile.mkdtemp())
-    loras = [_ir_lora(a.folder, tmp / f"lora{i}.safetensors", a.rank, seed=i) for i in range(2)]
+    loras = a.lora or [_ir_lora(a.folder, tmp / f"lora{i}.safetensors", a.rank, seed=i) for i in range(2)]
     figures: dict[str, float] = {}
+    mm = matmul_gflops(2048)
+    print(f"MatMul 2048^3: {mm['openvino_bf16']:.0f} bf16 / {mm['openvino_f32']:.0f} f32 GFLOP/s (OpenVINO)")
     pipe = SDXLPipeline(a.folder, precision=a.precision, cache_dir=None)
     t = time.perf_counter()
     _unet_calls(pipe, a.size, 2)
@@ -101,32 +116,152 @@ def _folder_mode(a) -> int:
     t = time.perf_counter()
     pipe.unet.compile(shapes)
     figures["unet cold compile (plain)"] = time.perf_counter() - t
-    plain = [_unet_calls(pipe, a.size, a.steps) for _ in range(a.rounds)]
-    pipe.unet.release()  # one compiled UNet at a time
-    rss0 = _rss()
-    t = time.perf_counter()
-    pipe.load_lora_weights(loras[0], adapter_name="a")
-    figures["load_lora_weights"] = time.perf_counter() - t
-    figures["RSS added by the load (GiB)"] = (_rss() - rss0) / 2**30
-    pipe.load_lora_weights(loras[1], adapter_name="b")
-    pipe.set_adapters("a")
-    t = time.perf_counter()
-    pipe.unet.compile(shapes)
-    figures["unet cold compile (LoRA variant)"] = time.perf_counter() - t
-    active = [_unet_calls(pipe, a.size, a.steps) for _ in range(a.rounds)]
-    switches = []
-    for name in ("b", "a", "b", "a"):
+    pipe.unet.release()
+    lp = SDXLPipeline(a.folder, precision=a.precision, cache_dir=None)
+    rss = [_rss()]
+    for i, path in enumerate(loras[:2]):
         t = time.perf_counter()
-        pipe.set_adapters(name)
+        lp.load_lora_weights(path, adapter_name=f"l{i}")
+        figures[f"load_lora_weights #{i + 1}"] = time.perf_counter() - t
+        rss.append(_rss())
+        figures[f"RSS added by adapter #{i + 1} (GiB)"] = (rss[-1] - rss[-2]) / 2**30
+    t = time.perf_counter()
+    lp.load_lora_weights(loras[0], adapter_name="again")
+    figures["load_lora_weights, the same file again"] = time.perf_counter() - t
+    lp.set_adapters("l0")
+    t = time.perf_counter()
+    lp.unet.compile(shapes)
+    figures["unet cold compile (LoRA variant)"] = time.perf_counter() - t
+    switches = []
+    for name in ("l1", "l0", "l1", "l0"):
+        t = time.perf_counter()
+        lp.set_adapters(name)
         switches.append(time.perf_counter() - t)
     figures["switch: set_adapters (median of 4)"] = statistics.median(switches)
-    figures["RSS now (GiB)"] = _rss() / 2**30
-    figures[f"step plain = fused (min of {a.rounds})"] = min(plain)
-    figures[f"step active (min of {a.rounds})"] = min(active)
-    figures["active / plain"] = min(active) / min(plain)
+    lp.unet.release()
+    configs = {"plain": lambda: _timed(pipe, a), "active": lambda: _timed(lp, a)}
+    if a.fused is not None:
+        fp = SDXLPipeline(a.fused, precision=a.precision, cache_dir=None)
+        configs["fused"] = lambda: _timed(fp, a)
+    if a.genai:
+        kohya = a.genai_lora or _as_kohya(loras[0], tmp / "lora_kohya.safetensors")
+        for label, path in (("plain", None), ("active", kohya)):
+            configs[f"openvino.genai {label}"] = lambda path=path: _genai_step(a, a.fused or a.folder, path)
+    rounds: dict[str, list[float]] = {k: [] for k in configs}
+    for r in range(a.rounds):  # interleaved: the machine's speed drifts
+        for label, fn in configs.items():
+            rounds[label].append(fn())
+            gc.collect()
+            rss = _rss() / 2**30
+            print(f"round {r + 1} {label:24s} {rounds[label][-1]:8.3f} s/step  RSS {rss:.2f} GiB", flush=True)
+    for label, times in rounds.items():
+        figures[f"step {label} (median of {a.rounds} rounds)"] = statistics.median(times)
+    base = statistics.median(rounds["plain"])
+    for label, times in rounds.items():
+        if label != "plain":
+            figures[f"{label} / plain"] = statistics.median(times) / base
+    if "fused" in rounds:
+        figures["active / fused"] = statistics.median(rounds["active"]) / statistics.median(rounds["fused"])
+        paired = [x / y for x, y in zip(rounds["active"], rounds["fused"], strict=True)]
+        figures["active / fused, median of per-round ratios"] = statistics.median(paired)
+    if "openvino.genai active" in rounds:
+        figures["active / openvino.genai active"] = statistics.median(rounds["active"]) / statistics.median(
+            rounds["openvino.genai active"]
+        )
+    figures["switch / cold compile"] = (
+        figures["switch: set_adapters (median of 4)"] / figures["unet cold compile (plain)"]
+    )
     for k, v in figures.items():
         print(f"{k:80s} {v:8.3f}")
     return 0
+
+
+def _pair_mode(a) -> int:
+    """--compare A,B (of plain, active, fused, genai-plain, genai-active): both kept compiled, then --rounds
+    alternating generations of --steps steps (A, B, B, A, ...: call-level neighbours, so that the machine's
+    speed changes fall on both); per generation the median UNet call after the first; the ratio A/B as the median
+    of the per-round ratios and as the ratio of medians."""
+    from benchmarks.machine import matmul_gflops
+    from runtime.pipeline import SDXLPipeline
+
+    def ours(folder, lora=None):
+        pipe = SDXLPipeline(folder, precision=a.precision, cache_dir=None)
+        if lora is not None:
+            pipe.load_lora_weights(lora, adapter_name="a")
+        _unet_calls(pipe, a.size, 2)  # compiles
+        return lambda: _unet_calls(pipe, a.size, a.steps)
+
+    def genai(lora=None):
+        import openvino_genai as og
+
+        extra = {"adapters": og.AdapterConfig(og.Adapter(str(lora)), 1.0)} if lora else {}
+        gp = og.Text2ImagePipeline(str(a.fused or a.folder))
+        gp.reshape(1, a.size, a.size, 5.0)
+        gp.compile("CPU", INFERENCE_PRECISION_HINT=a.precision, **extra)
+        kw = dict(height=a.size, width=a.size, guidance_scale=5.0, **extra)
+
+        def step():
+            gp.generate("a lighthouse", num_inference_steps=a.steps, **kw)
+            return gp.get_performance_metrics().get_first_and_other_unet_infer_duration()[1] / 1000  # ms -> s
+
+        step()
+        return step
+
+    lora = (a.lora or [None])[0]
+    make = {"plain": lambda: ours(a.folder), "active": lambda: ours(a.folder, lora),
+            "fused": lambda: ours(a.fused), "genai-plain": lambda: genai(),
+            "genai-active": lambda: genai(a.genai_lora)}  # fmt: skip
+    names = a.compare.split(",")
+    if len(names) != 2 or not set(names) <= set(make):
+        raise SystemExit(f"--compare A,B: two of {', '.join(make)}")
+    mm = matmul_gflops(2048)
+    print(f"MatMul 2048^3: {mm['openvino_bf16']:.0f} bf16 / {mm['openvino_f32']:.0f} f32 GFLOP/s (OpenVINO)")
+    run = {n: make[n]() for n in names}
+    print(f"both compiled, RSS {_rss() / 2**30:.2f} GiB", flush=True)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(a.rounds):
+        for n in names if r % 2 == 0 else reversed(names):
+            times[n].append(run[n]())
+        print(f"round {r + 1}: " + "  ".join(f"{n} {times[n][-1]:.3f} s" for n in names), flush=True)
+    x, y = names
+    ratios = [p / q for p, q in zip(times[x], times[y], strict=True)]
+    print(f"median UNet call: {x} {statistics.median(times[x]):.3f} s, {y} {statistics.median(times[y]):.3f} s")
+    print(f"{x} / {y}: ratio of medians {statistics.median(times[x]) / statistics.median(times[y]):.3f}, "
+          f"median of per-round ratios {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
+          f"max {max(ratios):.3f}); peak RSS {_peak_rss() / 2**30:.2f} GiB")  # fmt: skip
+    return 0
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _timed(pipe, a) -> float:
+    """A 2-step warm-up (compiles), then the median UNet call of a --steps generation; the UNet released."""
+    try:
+        _unet_calls(pipe, a.size, 2)
+        return _unet_calls(pipe, a.size, a.steps)
+    finally:
+        pipe.unet.release()
+
+
+def _genai_step(a, folder: Path, lora: Path | None) -> float:
+    """openvino.genai's Text2ImagePipeline, static shapes (reshape + compile), with the adapter or none: the mean
+    of its UNet calls after the first in a --steps generation (its own timers), after a warm-up generation."""
+    import openvino_genai as genai
+
+    extra = {"adapters": genai.AdapterConfig(genai.Adapter(str(lora)), 1.0)} if lora else {}
+    gp = genai.Text2ImagePipeline(str(folder))
+    gp.reshape(1, a.size, a.size, 5.0)
+    gp.compile("CPU", INFERENCE_PRECISION_HINT=a.precision, **extra)
+    kw = dict(height=a.size, width=a.size, guidance_scale=5.0, **extra)
+    gp.generate("a lighthouse", num_inference_steps=2, **kw)
+    gp.generate("a lighthouse", num_inference_steps=a.steps, **kw)
+    seconds = gp.get_performance_metrics().get_first_and_other_unet_infer_duration()[1] / 1000
+    del gp
+    return seconds
 
 
 def _rss() -> int:
@@ -143,10 +278,29 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--folder", type=Path, default=None,
                    help="a converted folder (e.g. a real-size random-weight one): plain vs a rank-R LoRA made "
-                   "from its IR's shapes, in sequence (fused = plain: the same graph, other weights)")  # fmt: skip
+                   "from its IR's shapes, interleaved with --fused and --genai")  # fmt: skip
+    p.add_argument(
+        "--fused",
+        type=Path,
+        default=None,
+        help="with --folder: the folder converted with --lora of the first LoRA (timed beside it)",
+    )
+    p.add_argument(
+        "--lora",
+        type=Path,
+        action="append",
+        default=None,
+        help="with --folder: the LoRA files (PEFT keys; default: two made from the IR's shapes)",
+    )
+    p.add_argument("--genai-lora", type=Path, default=None, help="the first LoRA in kohya keys, for openvino.genai")
+    p.add_argument("--compare", default=None, metavar="A,B",
+                   help="with --folder: two of plain, active, fused, genai-plain, genai-active, both kept compiled, "
+                   "alternated for --rounds rounds")  # fmt: skip
     p.add_argument("--genai", action="store_true", help="also openvino.genai's run-time adapter (an i64 folder)")
     a = p.parse_args(argv)
 
+    if a.folder is not None and a.compare:
+        return _pair_mode(a)
     if a.folder is not None:
         return _folder_mode(a)
     from convert.pipeline import convert_pipeline

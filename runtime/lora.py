@@ -25,11 +25,13 @@ Measured (benchmarks/lora_runtime.py --genai, the mid-size model, 512x512, bf16 
 attention and feed-forward layers, 2 CPU cores shared with other jobs, min of 3-4 interleaved rounds; two runs):
 a UNet call 0.268 / 0.215 s plain, 0.284 / 0.228 s with the adapter, 0.250 / 0.299 s fused at conversion,
 openvino.genai's run-time adapter 0.467 / 0.342 s on the same model and LoRA (0.229 / 0.215 s without);
-set_adapters 3-4 ms against a 2-4 s cold UNet compile. Real-size random-weight SDXL base (--folder, fp16 folder,
-rank-64 LoRA on the 700 attention/feed-forward layers, one pipeline, plain first, then active; two runs): a step
-13.9 / 12.9 s plain, 11.1 / 11.6 s active (the machine's noise), set_adapters 0.13-0.14 s against a 19-22 s cold
-UNet compile (LoRA variant 23-24 s, once), 1.0 GiB RSS per loaded adapter. On the mid-size model the first
-generation after the first load compiles the variant (5.5 s with the text encoders and two steps).
+set_adapters 3-4 ms against a 2-4 s cold UNet compile. Real-size random-weight SDXL base (512x512, bf16, rank 64
+on the 700 attention/feed-forward layers; benchmarks/RESULTS.md): a UNet call 1.17-1.20x the same LoRA fused at
+conversion (the branches: +5.8 % FLOPs at about a third of the layers' efficiency: MatMuls with a dimension of 64
+run so even with A and B as constants, in a 12-layer test), 0.78x openvino.genai's run-time adapter;
+set_adapters 0.1 s against a 14 s cold UNet compile; 0.98 GiB RSS per loaded adapter (A and B in float32).
+On the mid-size model the first generation after the first load compiles the variant (5.5 s with the text
+encoders and two steps).
 The branch is added after the layer's bias Add, so that MatMul/Convolution + bias stay one fused op (measured 0.185
 vs 0.207 s before it, noisy). Static ranks for Linear layers too (the sum of the loaded adapters' ranks) measured
 about the same as dynamic ones (0.358 vs 0.357 s, then 0.200 vs 0.206 s against 0.191 s plain), so they stay
