@@ -207,15 +207,13 @@ def test_huge_size_refused_at_once(tiny, tmp_path):
 
 
 def test_size_that_does_not_fit_refused(tiny, tmp_path):
-    """Under the absolute cap, the memory estimate refuses 16384x16384 before any work (the tiny model's untiled
-    VAE alone: 3 x 8 channels x 16384^2 x 4 bytes = 24 GiB; the limit is set so that the test never runs it;
-    tiled, the estimate would fit, see tests/test_vae.py)."""
+    """The memory estimate refuses 16384x16384 before any work (the tiny model's untiled VAE alone: 3 x 8 x
+    16384^2 x 4 bytes = 24 GiB; tiled it would fit: tests/test_vae.py), so that the test never runs it."""
     _, base = tiny("base")
     proc = _cli(base, "--prompt", "x", "--steps", "1", "--height", "16384", "--width", "16384", "--vae-tiling", "off",
                 "--max-memory-gb", "16", "--output", tmp_path / "o.png", timeout=60)  # fmt: skip
     assert_one_line_error(proc, "16384x16384")
-    line = _error_line(proc)
-    assert "more than the 16.0 GiB available" in line and "--max-memory-gb" in line, line
+    assert "more than the 16.0 GiB available" in _error_line(proc) and "--max-memory-gb" in _error_line(proc)
     # the limit can be lowered (or raised) by flag, by environment variable and in the library
     proc = _cli(base, *SMALL[:-4], "--height", "256", "--width", "256", "--max-memory-gb", "0.0001",
                 "--output", tmp_path / "o.png", timeout=60)  # fmt: skip
