@@ -29,13 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a file: import this checkout's packages, whatever the current folder
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import anchors, report  # noqa: E402
+from benchmarks import anchors, report, strategy  # noqa: E402
 from benchmarks.flops import achieved, counted, figures_line, unet_flops, unet_xml  # noqa: E402
 from benchmarks.summary import summarize  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"
-STRATEGY = ("deepcache_interval", "deepcache_branch", "deepcache_schedule", "deepcache_center", "deepcache_pow",
-            "guidance_cutoff")  # fmt: skip
 MARK = "@@BENCH@@ "
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile",
              "amx_bf16", "amx_int8")  # fmt: skip
@@ -91,13 +89,7 @@ def parse_args(argv):
     p.add_argument("--precision", choices=["f32", "bf16"])
     p.add_argument("--device", default="CPU")
     p.add_argument("--guidance-scale", type=float, help="default: the folder's preset (5 for SDXL)")
-    s = p.add_argument_group("compute less per image (our pipeline only; the anchors run plain)")
-    s.add_argument("--deepcache-interval", type=int, help="DeepCache: the full UNet every N steps (1 = off)")
-    s.add_argument("--deepcache-branch", type=int, help="DeepCache's cache_branch_id")
-    s.add_argument("--deepcache-schedule", choices=("uniform", "quadratic"))
-    s.add_argument("--deepcache-center", type=float)
-    s.add_argument("--deepcache-pow", type=float)
-    s.add_argument("--guidance-cutoff", type=float, help="guidance stops after this fraction of the steps")
+    strategy.add_flags(p.add_argument_group("compute less per image (our pipeline only; the anchors run plain)"))
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--matmul", type=int, default=4096, help="the day's speed: an N^3 MatMul's GFLOP/s in the records")
@@ -153,17 +145,17 @@ def validate(args) -> tuple[list[str], dict]:
         args.diffusers_source = str(Path(args.diffusers_source).resolve())
     if args.optimum_python and os.sep in args.optimum_python:  # a path (a bare name is looked up in PATH)
         args.optimum_python = str(Path(args.optimum_python).absolute())
-    strategy = {k: getattr(args, k) for k in STRATEGY if getattr(args, k) is not None}
-    if strategy:  # the runtime's own checks, one line each, before any child starts
+    chosen = strategy.chosen(args)
+    if chosen:  # the runtime's own checks, one line each, before any child starts
         from runtime.params import GenerationParams
 
         try:
-            GenerationParams.create(prompt=PROMPT, num_inference_steps=args.steps, **strategy)
+            GenerationParams.create(prompt=PROMPT, num_inference_steps=args.steps, **chosen)
         except (RuntimeInputError, TypeError, ValueError) as e:
             raise UsageError(str(e).splitlines()[0]) from None
     spec = dict(model=str(model), device=args.device, precision=args.precision, steps=args.steps, prompt=PROMPT,
                 height=args.height or info.default_size, width=args.width or info.default_size,
-                guidance_scale=guidance, diffusers_source=args.diffusers_source, strategy=strategy)  # fmt: skip
+                guidance_scale=guidance, diffusers_source=args.diffusers_source, strategy=chosen)  # fmt: skip
     return arms, spec
 
 
