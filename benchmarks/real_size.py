@@ -32,6 +32,7 @@ from pathlib import Path
 
 from benchmarks.flops import achieved, counted, figures_line, unet_flops
 from benchmarks.memory import peak_rss_self
+from benchmarks.strategy import STRATEGY, add_flags, chosen
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -42,10 +43,6 @@ now = time.perf_counter
 
 def _folder(name: str, weights: str) -> Path:
     return OUT / f"{name}-random-ov-{weights}"
-
-
-STRATEGY = ("deepcache_interval", "deepcache_branch", "deepcache_schedule", "deepcache_center", "deepcache_pow",
-            "guidance_cutoff")  # fmt: skip
 
 
 def _timed(pipe, **kw) -> dict:
@@ -185,27 +182,26 @@ def main(argv=None) -> int:
     p.add_argument("--project", type=int, default=30, help="steps to project to (LCM folders: their preset, as is)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--low-memory", action="store_true")
-    p.add_argument("--deepcache-interval", type=int, help="DeepCache: the full UNet every N steps (1 = off)")
-    p.add_argument("--deepcache-branch", type=int, help="DeepCache's cache_branch_id")
-    p.add_argument("--deepcache-schedule", choices=("uniform", "quadratic"))
-    p.add_argument("--deepcache-center", type=float)
-    p.add_argument("--deepcache-pow", type=float)
-    p.add_argument("--guidance-cutoff", type=float, help="guidance stops after this fraction of the steps")
+    add_flags(p)
     p.add_argument("--variants", nargs="+", default=["plain"],
-                   help='runs per model, each "plain" or space-separated key=value overrides of the strategy flags, '
-                        'e.g. "deepcache_interval=3 guidance_cutoff=0.4"')  # fmt: skip
+                   help='runs per model, each "plain" or space-separated key=value overrides of the strategy flags '
+                        'and of weights (the folder suffix), e.g. "deepcache_interval=3 guidance_cutoff=0.4" or '
+                        '"weights=int8 deepcache_interval=3"')  # fmt: skip
     p.add_argument("--repeat", type=int, default=1, help="run the variants (interleaved) this many times")
     p.add_argument("--no-matmul", action="store_true", help="skip the 4096^3 MatMul GFLOP/s measurement")
     args = p.parse_args(argv)
-    variants = []
+    variants = []  # (weights, strategy overrides)
     for v in args.variants:
-        over = {}
+        over, weights = {}, args.weights
         for item in [] if v == "plain" else v.split():
             key, _, value = item.partition("=")
-            if key not in STRATEGY or not value:
-                p.error(f"--variants {v!r}: {item!r} is not key=value with a key of {', '.join(STRATEGY)}")
-            over[key] = value if key == "deepcache_schedule" else float(value) if "." in value else int(value)
-        variants.append(over)
+            if key not in (*STRATEGY, "weights") or not value:
+                p.error(f"--variants {v!r}: {item!r} is not key=value with a key of {', '.join(STRATEGY)}, weights")
+            if key == "weights":
+                weights = value
+            else:
+                over[key] = value if key == "deepcache_schedule" else float(value) if "." in value else int(value)
+        variants.append((weights, over))
     matmul = None
     if not args.no_matmul:
         code = "import json; from benchmarks.machine import matmul_gflops; print(json.dumps(matmul_gflops()))"
@@ -217,18 +213,18 @@ def main(argv=None) -> int:
     from runtime.errors import RuntimeInputError
     from runtime.params import ModelInfo
 
-    runs = [(model, over) for _ in range(args.repeat) for model in args.models for over in variants]
+    runs = [(model, *v) for _ in range(args.repeat) for model in args.models for v in variants]
     flops_cache: dict = {}  # (IR, input shapes) -> its FLOPs per call, counted once
-    for model, over in runs:
+    for model, weights, over in runs:
         try:
-            info = ModelInfo.load(_folder(model, args.weights))
+            info = ModelInfo.load(_folder(model, weights))
         except RuntimeInputError as e:
             print(f"{model}: failed: {e}")
             continue
-        strategy = {k: getattr(args, k) for k in STRATEGY if getattr(args, k) is not None} | over
+        strategy = chosen(args) | over
         lcm = info.is_lcm  # an LCM folder runs its preset steps (4), as is: no projection
         steps = info.presets(None, None, None)["num_inference_steps"] if lcm else args.steps
-        spec = dict(model=model, weights=args.weights, size=args.size, steps=steps, low_memory=args.low_memory,
+        spec = dict(model=model, weights=weights, size=args.size, steps=steps, low_memory=args.low_memory,
                     refiner=args.refiner, high_noise_frac=args.high_noise_frac, **strategy)  # fmt: skip
         t = now()
         proc = subprocess.run([sys.executable, "-m", "benchmarks.real_size", "_child", json.dumps(spec)],
@@ -240,7 +236,7 @@ def main(argv=None) -> int:
             continue
         rec = {**spec, **json.loads(line[9:]), "wall_s": wall, "date": time.strftime("%Y-%m-%d %H:%M"),
                "commit": _commit(), "matmul_gflops": matmul}  # fmt: skip
-        rec |= unet_figures(rec, model, args.refiner, args.weights, flops_cache)
+        rec |= unet_figures(rec, model, args.refiner, weights, flops_cache)
         strategic = strategy.get("deepcache_interval", 1) > 1 or strategy.get("guidance_cutoff") is not None
         target = steps if lcm or strategic else args.project
         rec["projected_steps"] = target
@@ -249,7 +245,8 @@ def main(argv=None) -> int:
         rec["projected_s_per_image"] = rec["end_to_end_s"] if lcm or strategic else project(rec, target, steps)
         with RESULTS.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        name = model + (f" + {args.refiner}" if args.refiner else "")
+        name = model + (f" ({weights})" if weights != args.weights else "")
+        name += f" + {args.refiner}" if args.refiner else ""
         name += "".join(f" {k}={v}" for k, v in strategy.items()) or " plain"
         if "unet_s" in rec:
             name += f": UNet {rec['unet_s']:.2f} s ({len(rec['unet_calls_s'])} calls, {rec['shallow_calls']} shallow)"
