@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.machine import seconds
+
 ATTN_FF = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
@@ -132,12 +134,7 @@ def _folder_mode(a) -> int:
     t = time.perf_counter()
     lp.unet.compile(shapes)
     figures["unet cold compile (LoRA variant)"] = time.perf_counter() - t
-    switches = []
-    for name in ("l1", "l0", "l1", "l0"):
-        t = time.perf_counter()
-        lp.set_adapters(name)
-        switches.append(time.perf_counter() - t)
-    figures["switch: set_adapters (median of 4)"] = statistics.median(switches)
+    figures["switch: set_adapters (median of 4)"] = _switch_seconds(lp, ("l1", "l0", "l1", "l0"))
     lp.unet.release()
     configs = {"plain": lambda: _timed(pipe, a), "active": lambda: _timed(lp, a)}
     if a.fused is not None:
@@ -264,6 +261,11 @@ def _genai_step(a, folder: Path, lora: Path | None) -> float:
     return seconds
 
 
+def _switch_seconds(pipe, names) -> float:
+    """The median seconds of set_adapters(name) over `names`, switched in turn."""
+    return statistics.median(seconds(lambda n=n: pipe.set_adapters(n)) for n in names)
+
+
 def _rss() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
@@ -341,12 +343,7 @@ def main(argv=None) -> int:
     _unet_calls(lp, a.size, 2)
     figures["first generation with adapters (LoRA variant compile + text encoders + 2 steps)"] = time.perf_counter() - t
     figures["RSS added by 3 loads + LoRA variant (GiB)"] = (_rss() - rss0) / 2**30
-    switches = []
-    for name in ("b", "a", "b", "a"):
-        t = time.perf_counter()
-        lp.set_adapters(name)
-        switches.append(time.perf_counter() - t)
-    figures["switch: set_adapters (median of 4)"] = statistics.median(switches)
+    figures["switch: set_adapters (median of 4)"] = _switch_seconds(lp, ("b", "a", "b", "a"))
     fused = pipeline(fused_dir)
     _unet_calls(fused, a.size, 2)
 

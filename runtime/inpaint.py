@@ -60,22 +60,20 @@ def crop_region(mask: Image.Image, width: int, height: int, pad: int = 0) -> tup
     x2, y2 = int(min(cols[-1] + 1 + pad, w)), int(min(rows[-1] + 1 + pad, h))
     ratio_crop, ratio = (x2 - x1) / (y2 - y1), width / height
     if ratio_crop > ratio:
-        diff = int((x2 - x1) / ratio - (y2 - y1))
-        y1, y2 = y1 - diff // 2, y2 + diff - diff // 2
-        if y2 >= h:
-            y1, y2 = y1 - (y2 - h), h
-        if y1 < 0:
-            y1, y2 = 0, y2 - y1
-        y2 = min(y2, h)
+        y1, y2 = _grow(y1, y2, int((x2 - x1) / ratio - (y2 - y1)), h)
     else:
-        diff = int((y2 - y1) * ratio - (x2 - x1))
-        x1, x2 = x1 - diff // 2, x2 + diff - diff // 2
-        if x2 >= w:
-            x1, x2 = x1 - (x2 - w), w
-        if x1 < 0:
-            x1, x2 = 0, x2 - x1
-        x2 = min(x2, w)
+        x1, x2 = _grow(x1, x2, int((y2 - y1) * ratio - (x2 - x1)), w)
     return x1, y1, x2, y2
+
+
+def _grow(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
+    """[lo, hi) widened by diff, centred, shifted back inside [0, limit) (one axis of get_crop_region)."""
+    lo, hi = lo - diff // 2, hi + diff - diff // 2
+    if hi >= limit:
+        lo, hi = lo - (hi - limit), limit
+    if lo < 0:
+        lo, hi = 0, hi - lo
+    return lo, min(hi, limit)
 
 
 def _resize(image: Image.Image, width: int, height: int, mode: str = "default") -> Image.Image:
