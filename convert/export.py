@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +39,24 @@ def compress(model: ov.Model, weight_format: str, unet: bool) -> ov.Model:
     return nncf.compress_weights(model, mode=mode, group_size=INT4_GROUP_SIZE, ratio=1.0, advanced_parameters=advanced)
 
 
+@contextlib.contextmanager
+def _traceable_16bit(module: torch.nn.Module, half: bool):
+    """Trace 16-bit weights without upcasting them all in memory first (OpenVINO's patch), then undo the patch:
+    besides the module it replaces torch.bmm process-wide with a tracing stub that returns a constant tensor, and
+    nothing else restores it (a later torch.bmm in this process, diffusers' classic attention for one, would
+    compute 0.5s)."""
+    if not half:
+        yield
+        return
+    from openvino.frontend.pytorch import patch_model as patch
+
+    patch.__make_16bit_traceable(module)
+    try:
+        yield
+    finally:
+        patch.unpatch_model(module, "_openvino_module_extension_patch_orig_forward")
+
+
 def trace(spec: Spec, out_dir: Path, weight_format: str) -> dict:
     """Trace spec.module, compress, save out_dir/openvino_model.xml; keep inputs and torch outputs for check().
     (int4 compresses the UNet's MatMuls to 4 bits; the other submodels get int8 with it.)"""
@@ -49,15 +68,9 @@ def trace(spec: Spec, out_dir: Path, weight_format: str) -> dict:
         if len(ref) != len(spec.outputs):
             raise RuntimeError(f"wrapper returned {len(ref)} outputs, spec names {len(spec.outputs)}")
         half = next(module.parameters()).dtype in (torch.float16, torch.bfloat16)
-        if half:  # trace 16-bit weights without upcasting them all in memory first
-            from openvino.frontend.pytorch.patch_model import __make_16bit_traceable as make_traceable
-
-            make_traceable(module)
-            example = tuple(v.float() if v.is_floating_point() else v for v in spec.inputs.values())
-        else:
-            example = tuple(spec.inputs.values())
+        example = tuple(v.float() if half and v.is_floating_point() else v for v in spec.inputs.values())
         shapes = [ov.PartialShape(spec.dynamic[k]) for k in spec.inputs]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _traceable_16bit(module, half):
             warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python branches
             ov_model = ov.convert_model(module, example_input=example, input=shapes)
     for port, input_name in zip(ov_model.inputs, spec.inputs, strict=True):

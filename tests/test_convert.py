@@ -239,3 +239,31 @@ def test_overwrite_replaces_atomically(tmp_path, tiny):
     for name in ("text_encoder_2", "unet", "vae_decoder"):  # progress: name, params, seconds, size
         assert any(line.startswith(name) and "M params" in line and "MiB" in line for line in proc.stdout.splitlines())
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_16bit_trace_leaves_torch_as_it_was(tmp_path):
+    """OpenVINO's 16-bit tracing patch replaces torch.bmm process-wide with a stub that returns a constant;
+    convert.export undoes it, so torch computes the same after a conversion in this process."""
+    from convert.export import trace
+    from convert.wrappers import Spec
+
+    class Bmm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4).half()
+
+        def forward(self, a, b):
+            return torch.bmm(self.proj(a.half()).float(), b)
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 4, 5, generator=gen)
+    want, bmm = torch.bmm(a, b), torch.bmm
+    module = Bmm()
+    spec = Spec(module, {"a": a, "b": b}, {"a": [-1, 3, 4], "b": [-1, 4, 5]}, ["out"])
+    trace(spec, tmp_path / "m", "fp16")
+    assert torch.bmm is bmm and torch.equal(torch.bmm(a, b), want)
+    assert module.proj.weight.dtype == torch.float16  # its own 16-bit weight back, not the fp32 placeholder
+    xml = tmp_path / "m" / "openvino_model.xml"
+    compiled = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    with torch.no_grad():
+        np.testing.assert_allclose(compiled({"a": a.numpy(), "b": b.numpy()})[0], module(a, b).numpy(), atol=1e-3)
