@@ -66,10 +66,14 @@ def drop_mapped_pages(*paths: Path | str) -> int:
 
 class _DropPagesWhile:
     """While the block runs (a compile), a thread drops the pages of `paths` read so far every `interval` s: the
-    compiler reads each weight to make its own copy, so the map's pages need not stay until it returns. (0.5 s:
-    the SDXL fp16 UNet's compile peaked at 5.6 GiB in 7.6 s; 0.2 s gave 5.2 GiB in 13.5 s, none 9.9 GiB in 8 s.)"""
+    compiler reads each weight to make its own copy, so the map's pages need not stay until it returns. The
+    interval bounds what is read between two drops, the peak's spread: a real-size SSD-1B fp16 UNet compiled
+    (512x512, bf16) peaked at 3.03-3.22 GiB with 0.5 s, 2.76-2.78 GiB with 0.1 s and 2.74-2.75 GiB with 0.05 s,
+    in 4.3-5.5 s each; SDXL's 5.28-5.30 GiB (0.5 s) against 5.17 GiB (0.1 s), 9.3-12.4 s; none: 9.9 GiB.
+    A low-memory generation with the guidance cut-off compiles the UNet twice, so the spread showed as +9 % peak RSS
+    over plain at 0.5 s (`python -m benchmarks.compile_memory`; RESULTS.md)."""
 
-    def __init__(self, *paths: Path | str, interval: float = 0.5):
+    def __init__(self, *paths: Path | str, interval: float = 0.1):
         self.paths, self.interval = paths, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -327,6 +331,16 @@ class OVModel:
                 )
             out[name] = arr
         return out
+
+    def precision(self) -> str:
+        """The precision this model runs in: its compile hint, else the device's default ("" if unknown)."""
+        hint = self.config.get("INFERENCE_PRECISION_HINT")
+        if hint:
+            return str(hint)
+        try:
+            return self.core.get_property(self.device, "INFERENCE_PRECISION_HINT").get_type_name()
+        except (RuntimeError, TypeError, AttributeError):
+            return ""
 
     def trim(self) -> None:
         """Free the compiled models' intermediate buffers (activations), keep their weights and graphs: between
