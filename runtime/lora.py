@@ -10,8 +10,13 @@ Design (measured, see README "LoRA at run time" and the figures in the issue's r
   an input tensor can share one numpy buffer between all infer requests (a state is copied into each request).
   A Linear's rank dimension is dynamic; a convolution's is static, the sum of its loaded adapters' ranks (the CPU
   plugin refuses a convolution with dynamic weight shapes), zero-padded for the adapters not active.
+- A and B are float16 where the model computes in bf16/f16 (a float16 file's tensors are fed as stored: no
+  copy, half the memory of float32; the plugin converts them to bf16 as it did float32 ones) and float32 where
+  it computes in f32 (exact to peft's float32 branch); another file dtype is converted once and kept. Each rank
+  column's scale (alpha / r x adapter weight) is a third input, lora_s.N, applied to x @ A^T ([tokens, r]:
+  cheap), so a switch of weights copies no weight. A value float16 cannot hold is refused with one line.
 - Switching adapters (set_adapters, weights, disable/enable) only sets those inputs' tensors: several adapters
-  are concatenated along the rank, each one's alpha/rank x adapter weight folded into its columns of B, so the
+  are concatenated along the rank, each one's alpha/rank x adapter weight in its columns of the scale, so the
   branch is exactly peft's sum over active adapters of lora_B(lora_A(x)) * scaling (ref: peft
   tuners.lora.layer.Linear.forward / Conv2d.forward, unmerged). A grafted layer no active adapter targets gets a
   rank-1 zero pair. No recompilation: the tensors are shared (numpy buffers, no copy) by every infer request.
@@ -213,10 +218,12 @@ def _after_bias(node: ov.Node) -> ov.Node:
     return node
 
 
-def graft(model: ov.Model, table: dict, modules: list[str], conv_rank: dict[str, int]) -> ov.Model:
-    """Add a LoRA branch to each of `modules` (in place): Parameters lora_a.N / lora_b.N, N = index in `modules`;
-    a Linear's rank dimension is dynamic, a convolution's static (conv_rank: OpenVINO's CPU plugin refuses a
-    convolution with a dynamic weight shape)."""
+def graft(model: ov.Model, table: dict, modules: list[str], conv_rank: dict[str, int],
+          dtype: type = np.float32) -> ov.Model:  # fmt: skip
+    """Add a LoRA branch to each of `modules` (in place): Parameters lora_a.N / lora_b.N of `dtype` (float16:
+    converted to the layer's type in the graph) and lora_s.N [r] (each rank column's scale, float32), N = index in
+    `modules`; the branch is ((x @ A^T) * s) @ B^T. A Linear's rank dimension is dynamic, a convolution's static
+    (conv_rank: OpenVINO's CPU plugin refuses a convolution with a dynamic weight shape)."""
     ops = {op.get_friendly_name(): op for op in model.get_ops()}
     params = []
     for n, module in enumerate(modules):
@@ -229,24 +236,55 @@ def graft(model: ov.Model, table: dict, modules: list[str], conv_rank: dict[str,
         anchor = _after_bias(node)  # add after the bias: the layer's MatMul/Convolution + bias stay one fused op
         consumers = list(anchor.output(0).get_target_inputs())
         r = conv_rank.get(module, -1)  # -1: dynamic
-        a = ov.opset13.parameter(ov.PartialShape([r, *shape[1:]]), et, name=f"lora_a.{n}")
-        b = ov.opset13.parameter(ov.PartialShape([shape[0], r, *[1] * (len(shape) - 2)]), et, name=f"lora_b.{n}")
-        for p in (a, b):
+        pt = ov.Type.f16 if dtype == np.float16 else et
+        a = ov.opset13.parameter(ov.PartialShape([r, *shape[1:]]), pt, name=f"lora_a.{n}")
+        b = ov.opset13.parameter(ov.PartialShape([shape[0], r, *[1] * (len(shape) - 2)]), pt, name=f"lora_b.{n}")
+        scale = ov.opset13.parameter(ov.PartialShape([r]), et, name=f"lora_s.{n}")
+        for p in (a, b, scale):
             p.output(0).get_tensor().set_names({p.get_friendly_name()})
+        params += [a, b, scale]
+        if pt != et:
+            a, b = ov.opset13.convert(a, et), ov.opset13.convert(b, et)
         if kind == "linear":
-            branch = ov.opset13.matmul(ov.opset13.matmul(x, a, False, True), b, False, True)
+            down = ov.opset13.multiply(ov.opset13.matmul(x, a, False, True), scale)
+            branch = ov.opset13.matmul(down, b, False, True)
         else:
             at = node.get_attributes()
             down = ov.opset13.convolution(x, a, at["strides"], at["pads_begin"], at["pads_end"], at["dilations"],
                                           at["auto_pad"])  # fmt: skip
-            branch = ov.opset13.convolution(down, b, [1, 1], [0, 0], [0, 0], [1, 1])
+            per_channel = ov.opset13.reshape(scale, ov.opset13.constant(np.array([1, -1, 1, 1], np.int64)), False)
+            branch = ov.opset13.convolution(ov.opset13.multiply(down, per_channel), b, [1, 1], [0, 0], [0, 0], [1, 1])
         added = ov.opset13.add(anchor.output(0), branch)
         for target in consumers:
             target.replace_source_output(added.output(0))
-        params += [a, b]
     model.add_parameters(params)
     model.validate_nodes_and_infer_types()
     return model
+
+
+class Float16RangeError(RuntimeInputError):
+    """An adapter's tensor, as fed to a model computing in bf16/f16, exceeds float16's range (names its layer)."""
+
+    def __init__(self, layer: Layer, message: str):
+        super().__init__(message)
+        self.layer = layer
+
+
+def _fed(layer: Layer, role: str, dtype: type) -> np.ndarray:
+    """The layer's down or up weight in `dtype`: as loaded when it is already (no copy), else converted once and
+    kept on the layer; float16 that cannot hold it is one line naming the layer, not inf."""
+    arr = getattr(layer, role)
+    if arr.dtype == dtype:
+        return arr
+    key = (role, np.dtype(dtype).str)
+    if key not in layer.fed:
+        with np.errstate(over="ignore"):
+            out = arr.astype(dtype)
+        if not np.isfinite(out).all():
+            raise Float16RangeError(layer, f"layer '{layer.key}' exceeds float16's range (the adapters' tensors at "
+                                           "this precision): use precision f32")  # fmt: skip
+        layer.fed[key] = out
+    return layer.fed[key]
 
 
 class ModelAdapters:
@@ -256,6 +294,9 @@ class ModelAdapters:
 
     def __init__(self, ov_model, component: str):
         self.ov_model, self.component = ov_model, component
+        # the branch's A and B: float16 where the model computes in bf16/f16 (half the memory of float32, and
+        # float16 files are fed as stored); float32 where it computes in f32 (exact to peft's float32 branch)
+        self.dtype = np.float32 if ov_model.precision() in ("f32", "") else np.float16
         self._modules: Modules | None = None
         self.grafted: list[str] = []  # the layers of the compiled LoRA variant, in parameter order
         self.conv_rank: dict[str, int] = {}  # a grafted convolution's rank: the sum of its loaded adapters' ranks
@@ -278,7 +319,7 @@ class ModelAdapters:
         return f"lora-{digest}"
 
     def graft(self, model: ov.Model) -> ov.Model:
-        return graft(model, self.modules.table, list(self.grafted), dict(self.conv_rank))
+        return graft(model, self.modules.table, list(self.grafted), dict(self.conv_rank), self.dtype)
 
     def wrap(self, derive):
         return lambda model: {name: self.graft(m) for name, m in derive(model).items()}
@@ -301,12 +342,13 @@ class ModelAdapters:
                 raise RuntimeError(f"LoRA layers set before registered: {missing[:3]}")
             tensors = {}
             for n, module in enumerate(self.grafted):
-                downs, ups = [], []
+                downs, ups, scales = [], [], []
                 for plan, weight in pairs:
                     layer = plan.get(module)
                     if layer is not None:  # peft: lora_B(lora_A(x)) * scaling, scaling = alpha / r * weight
-                        downs.append(layer.down)
-                        ups.append(layer.up * np.float32(layer.scaling * weight))
+                        downs.append(_fed(layer, "down", self.dtype))
+                        ups.append(_fed(layer, "up", self.dtype))
+                        scales.append(np.full(layer.rank, layer.scaling * weight, np.float32))
                 shape = self.modules.table[module][2]
                 # a dynamic-rank layer no active adapter targets: a rank-1 zero pair; a static one: zeros to its rank
                 if module in self.conv_rank:
@@ -314,11 +356,15 @@ class ModelAdapters:
                 else:
                     pad = 0 if downs else 1
                 if pad:
-                    downs.append(np.zeros((pad, *shape[1:]), np.float32))
-                    ups.append(np.zeros((shape[0], pad, *[1] * (len(shape) - 2)), np.float32))
-                down = downs[0] if len(downs) == 1 else np.concatenate(downs, axis=0)  # one adapter: no copy
-                tensors[f"lora_a.{n}"] = np.ascontiguousarray(down, np.float32)
-                tensors[f"lora_b.{n}"] = np.ascontiguousarray(np.concatenate(ups, axis=1), np.float32)
+                    downs.append(np.zeros((pad, *shape[1:]), self.dtype))
+                    ups.append(np.zeros((shape[0], pad, *[1] * (len(shape) - 2)), self.dtype))
+                    scales.append(np.zeros(pad, np.float32))
+                # one adapter: its tensors as loaded, no copy (a switch of weights sets only the scales)
+                down = downs[0] if len(downs) == 1 else np.concatenate(downs, axis=0)
+                up = ups[0] if len(ups) == 1 else np.concatenate(ups, axis=1)
+                tensors[f"lora_a.{n}"] = np.ascontiguousarray(down, self.dtype)
+                tensors[f"lora_b.{n}"] = np.ascontiguousarray(up, self.dtype)
+                tensors[f"lora_s.{n}"] = np.concatenate(scales)
             self.tensors, self.active = tensors, bool(self.grafted)
 
     def bind(self, request: ov.InferRequest) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from runtime.errors import RuntimeInputError
-from runtime.lora import ModelAdapters
+from runtime.lora import Float16RangeError, ModelAdapters
 from runtime.lora_files import load_lora
 
 
@@ -71,8 +71,11 @@ class LoraMixin:
             loaded[name] = (lora, plans)
             for component, plan in plans.items():
                 models[component].lora.register(plan)
-            state["active"] = [(name, 1.0)]
-            self._lora_apply()
+            try:
+                self._lora_activate([(name, 1.0)])
+            except RuntimeInputError:
+                del loaded[name]
+                raise
             return name
 
     def set_adapters(self, adapter_names: str | list[str], adapter_weights=None) -> None:
@@ -89,8 +92,7 @@ class LoraMixin:
                     raise RuntimeInputError(f"adapter {name!r} is not loaded (loaded: {have})")
             if len(set(names)) != len(names):
                 raise RuntimeInputError(f"adapter names repeated: {names}")
-            state["active"] = [(n, _weight(w, n)) for n, w in zip(names, weights, strict=True)]
-            self._lora_apply()
+            self._lora_activate([(n, _weight(w, n)) for n, w in zip(names, weights, strict=True)])
 
     def disable_lora(self) -> None:
         state = self._lora()
@@ -141,6 +143,19 @@ class LoraMixin:
             out.append({"name": lora.name, "adapter": name, "weight": weight, "hash": lora.a1111_hash,
                         "path": str(lora.path)})  # fmt: skip
         return out
+
+    def _lora_activate(self, active: list[tuple[str, float]]) -> None:
+        """Make `active` the adapter set in force; a tensor float16 cannot hold (a model computing in bf16/f16) is
+        one line naming the file and the layer, and the set in force stays: nothing half-set."""
+        state = self._lora()
+        before, state["active"] = state["active"], active
+        try:
+            self._lora_apply()
+        except Float16RangeError as e:
+            state["active"] = before
+            self._lora_apply()
+            path = next(lora.path for lora, _ in state["loaded"].values() if any(x is e.layer for x in lora.layers))
+            raise RuntimeInputError(f"{path}: {e}") from None
 
     def _lora_apply(self) -> None:
         state = self._lora()

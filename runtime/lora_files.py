@@ -43,7 +43,8 @@ OLD_PROCESSOR = {"to_q_lora": ("to_q", "q_proj"), "to_k_lora": ("to_k", "k_proj"
 
 @dataclass
 class Layer:
-    """One LoRA layer: the module as the file spells it, its weights (float32) and peft's alpha/rank scaling."""
+    """One LoRA layer: the module as the file spells it, its weights (float16 as stored, else float32) and peft's
+    alpha/rank scaling."""
 
     component: str
     module: str  # dotted (diffusers/PEFT) or flattened with "_" (kohya)
@@ -53,6 +54,7 @@ class Layer:
     up: np.ndarray | None = None  # [out, r] or [out, r, 1, 1]
     alpha: float | None = None  # kohya's .alpha
     scaling: float = 1.0
+    fed: dict = field(default_factory=dict, repr=False, compare=False)  # (role, dtype) -> converted (runtime.lora)
 
     @property
     def rank(self) -> int:
@@ -96,8 +98,12 @@ def _header(path: Path) -> tuple[int, dict]:
 
 
 def _tensor(f, path: Path, key: str, header: list) -> np.ndarray:
-    """One tensor as float32; bf16 (which numpy lacks) from its raw bytes."""
-    if f.get_slice(key).get_dtype() != "BF16":
+    """One tensor: float16 as stored (half the memory of float32: the adapter's tensors are fed to a model that
+    runs in bf16/f16 as they are), anything else as float32; bf16 (which numpy lacks) from its raw bytes."""
+    dtype = f.get_slice(key).get_dtype()
+    if dtype == "F16":
+        return np.asarray(f.get_tensor(key), dtype=np.float16)
+    if dtype != "BF16":
         return np.asarray(f.get_tensor(key), dtype=np.float32)
     if not header:
         header.extend(_header(path))

@@ -325,13 +325,7 @@ class SDXLPipeline(LoraMixin):
 
     def _vae_precision(self) -> str:
         """The precision the VAE decoder runs in: its compile hint, else the device's default ("" if unknown)."""
-        hint = self.vae_decoder.config.get("INFERENCE_PRECISION_HINT")
-        if hint:
-            return str(hint)
-        try:
-            return self.core.get_property(self.device, "INFERENCE_PRECISION_HINT").get_type_name()
-        except (RuntimeError, TypeError, AttributeError):
-            return ""
+        return self.vae_decoder.precision()
 
     def _decode_one(self, scaled: np.ndarray) -> np.ndarray:
         """One image's VAE decode, never NaN/inf: see decode()."""

@@ -222,3 +222,16 @@ def test_quant_real_records_the_unets_achieved_gflops(monkeypatch, tmp_path):
     assert rec["unet_achieved_gflops"] == rec["unet_gflop_per_call"] / rec["median_call_s"]
     row = quant_real.table([rec]).splitlines()[-1]
     assert row.endswith(f"| {rec['unet_gflop_per_call']:.0f} | {rec['unet_achieved_gflops']:.0f} |"), row
+
+
+def test_compile_memory_smoke():
+    """benchmarks.compile_memory on the tiny UNet: each configuration compiled in a child, the table printed;
+    a folder without a UNet is one line, exit 2."""
+    cmd = [sys.executable, "-m", "benchmarks.compile_memory", str(ov_dir("base")), "--intervals", "0.1", "0",
+           "--size", "64", "--rounds", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| 0.1 | 2 |", "| none | 2 |"))]
+    assert len(rows) == 2 and all(float(row.split("|")[4].split("-")[0]) > 0 for row in rows), proc.stdout
+    proc = subprocess.run([*cmd[:3], str(ROOT / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no unet/openvino_model.xml there" in proc.stderr

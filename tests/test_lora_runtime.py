@@ -303,15 +303,66 @@ def test_graft_on_compressed_weights():
     assert {k: v[1:] for k, v in table.items()} == {"blk.conv": ("conv", (4, 3, 3, 3)), "blk.proj": ("linear", (6, 5))}
     graft(model, table, ["blk.conv", "blk.proj"], {"blk.conv": 2})
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    lora = {"lora_a.0": rng.standard_normal((2, 3, 3, 3)), "lora_b.0": rng.standard_normal((4, 2, 1, 1)),
-            "lora_a.1": rng.standard_normal((3, 5)), "lora_b.1": rng.standard_normal((6, 3))}  # fmt: skip
+    lora = {
+        "lora_a.0": rng.standard_normal((2, 3, 3, 3)),
+        "lora_b.0": rng.standard_normal((4, 2, 1, 1)),
+        "lora_a.1": rng.standard_normal((3, 5)),
+        "lora_b.1": rng.standard_normal((6, 3)),
+        "lora_s.0": np.array([0.5, 2.0]),
+        "lora_s.1": np.array([1.5, -1.0, 0.25]),
+    }  # each rank column's scale
     lora = {k: v.astype(np.float32) for k, v in lora.items()}
     x = rng.standard_normal((2, 3, 10, 10)).astype(np.float32)
     out = compiled({"x": x, **lora})[0]
-    fused_conv = wc + np.einsum("or,rikl->oikl", lora["lora_b.0"][:, :, 0, 0], lora["lora_a.0"])
-    fused_lin = wl + lora["lora_b.1"] @ lora["lora_a.1"]
+    fused_conv = wc + np.einsum("or,r,rikl->oikl", lora["lora_b.0"][:, :, 0, 0], lora["lora_s.0"], lora["lora_a.0"])
+    fused_lin = wl + lora["lora_b.1"] @ np.diag(lora["lora_s.1"]) @ lora["lora_a.1"]
     rng = np.random.default_rng(0)
     ref_model, _ = build((fused_conv.astype(np.float32), fused_lin.astype(np.float32)))
     ref = ov.Core().compile_model(ref_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({"x": x})[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     assert np.abs(ref).max() > 1
+
+
+def test_bf16_models_take_float16_adapters(base, tmp_path):
+    """A model computing in bf16 is fed a float16 file's A and B as loaded (no copy: half the memory of float32)
+    and each adapter's scale as a third input, so a switch of weights copies no weight; its image is as far from
+    the f32 run's as bf16 puts the plain image from f32's. A file float16 cannot hold is one line, loads nothing."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(base[0]["peft"]), "np") as f:
+        half, meta = {k: f.get_tensor(k).astype(np.float16) for k in f.keys()}, f.metadata()
+    path = tmp_path / "half.safetensors"
+    save_file(half, str(path), metadata=meta)
+    assert {layer.down.dtype for layer in load_lora(path).layers} == {np.dtype(np.float16)}
+    got, pipes = {}, {}
+    for precision in ("bf16", "f32"):
+        pipe = pipes[precision] = SDXLPipeline(ov_dir("base"), precision=precision, cache_dir=None)
+        got[precision, "plain"] = _ours(pipe)[0]
+        pipe.load_lora_weights(path, adapter_name="half")
+        pipe.set_adapters(["half"], adapter_weights=[0.8])
+        got[precision, "lora"] = _ours(pipe)[0]
+        unet = pipe.unet.lora
+        dtype = np.dtype(np.float16 if precision == "bf16" else np.float32)
+        assert {v.dtype for k, v in unet.tensors.items() if not k.startswith("lora_s.")} == {dtype}
+    unet, pipe = pipes["bf16"].unet.lora, pipes["bf16"]
+    layer = next(iter(pipe._lora()["loaded"]["half"][1]["unet"].values()))
+    n = unet.grafted.index(next(m for m, x in pipe._lora()["loaded"]["half"][1]["unet"].items() if x is layer))
+    assert unet.tensors[f"lora_a.{n}"] is layer.down and unet.tensors[f"lora_b.{n}"] is layer.up  # as loaded
+    np.testing.assert_allclose(unet.tensors[f"lora_s.{n}"], layer.scaling * 0.8, rtol=1e-6)
+    before = dict(unet.tensors)
+    pipe.set_adapters(["half"], adapter_weights=[0.5])  # a switch of weights: new scales, the same A and B
+    assert all(unet.tensors[k] is v for k, v in before.items() if not k.startswith("lora_s."))
+    np.testing.assert_allclose(unet.tensors[f"lora_s.{n}"], layer.scaling * 0.5, rtol=1e-6)
+    pipe.set_adapters(["half"], adapter_weights=[0.8])
+
+    big = {k: v.astype(np.float32) * (1e8 if "lora_B" in k else 1) for k, v in half.items()}
+    save_file(big, str(tmp_path / "big.safetensors"), metadata=meta)  # float32, fine there; not in float16
+    with pytest.raises(RuntimeInputError, match=rf"^{tmp_path / 'big.safetensors'}: layer .* exceeds float16's"):
+        pipe.load_lora_weights(tmp_path / "big.safetensors", adapter_name="big")
+    assert pipe.get_active_adapters() == ["half"] and "big" not in pipe.get_list_adapters()["unet"]
+    np.testing.assert_array_equal(_ours(pipe)[0], got["bf16", "lora"])  # weight 0.8 still in force
+    bf16_noise = np.abs(got["bf16", "plain"] - got["f32", "plain"]).max()
+    apart = np.abs(got["bf16", "lora"] - got["f32", "lora"]).max()
+    effect = np.abs(got["f32", "lora"] - got["f32", "plain"]).max()
+    assert apart <= 1.5 * bf16_noise and effect > 5 * apart, (apart, bf16_noise, effect)
