@@ -34,7 +34,8 @@ set_adapters 3-4 ms against a 2-4 s cold UNet compile. Real-size random-weight S
 on the 700 attention/feed-forward layers; benchmarks/RESULTS.md): a UNet call 1.17-1.20x the same LoRA fused at
 conversion (the branches: +5.8 % FLOPs at about a third of the layers' efficiency: MatMuls with a dimension of 64
 run so even with A and B as constants, in a 12-layer test), 0.78x openvino.genai's run-time adapter;
-set_adapters 0.1 s against a 14 s cold UNet compile; 0.98 GiB RSS per loaded adapter (A and B in float32).
+set_adapters 0.1 s against a 14 s cold UNet compile; 0.98 GiB RSS per loaded adapter (A and B in float32; 0.28-0.34
+GiB and a 0.014 s switch with float16 A and B and the scale as an input, RESULTS.md).
 On the mid-size model the first generation after the first load compiles the variant (5.5 s with the text
 encoders and two steps).
 The branch is added after the layer's bias Add, so that MatMul/Convolution + bias stay one fused op (measured 0.185
