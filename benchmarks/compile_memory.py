@@ -54,14 +54,14 @@ def main(argv=None) -> int:
     if any(i < 0 for i in a.intervals) or a.rounds < 1 or a.size % 8 or any(b < 1 for b in a.batch):
         p.error("intervals >= 0, rounds >= 1, batch >= 1, size a multiple of 8")
     seen: dict[tuple, list[dict]] = {}
+    configs = [(i, b) for i in a.intervals for b in a.batch]
     for r in range(a.rounds):
-        configs = [(i, b) for i in a.intervals for b in a.batch]
         for interval, batch in configs if r % 2 == 0 else configs[::-1]:
             spec = json.dumps([str(a.folder), interval, a.size, batch])
             cmd = [sys.executable, "-m", "benchmarks.compile_memory", "_child", spec]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
-                print(proc.stderr.strip().splitlines()[-1:], file=sys.stderr)
+                print(f"error: {(proc.stderr.strip().splitlines() or ['the child failed'])[-1]}", file=sys.stderr)
                 return 1
             rec = json.loads(proc.stdout.strip().splitlines()[-1])
             seen.setdefault((interval, batch), []).append(rec)

@@ -323,17 +323,13 @@ class SDXLPipeline(LoraMixin):
             self.done_with(self._vae_decoder_f32)
         return np.concatenate(images)
 
-    def _vae_precision(self) -> str:
-        """The precision the VAE decoder runs in: its compile hint, else the device's default ("" if unknown)."""
-        return self.vae_decoder.precision()
-
     def _decode_one(self, scaled: np.ndarray) -> np.ndarray:
         """One image's VAE decode, never NaN/inf: see decode()."""
         f32 = self._vae_decoder_f32
         sample = (f32 or self.vae_decoder)({"latent_sample": scaled})["sample"]
         if np.isfinite(sample).all():
             return sample
-        precision = "f32" if f32 is not None else self._vae_precision()
+        precision = "f32" if f32 is not None else self.vae_decoder.precision()
         if precision != "f32":  # diffusers' force_upcast: SDXL's VAE overflows in f16
             warnings.warn(
                 f"the VAE decoder gave NaN/inf in {precision or 'the device precision'}: decoding in f32 from now on",
