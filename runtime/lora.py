@@ -10,11 +10,12 @@ Design (measured, see README "LoRA at run time" and the figures in the issue's r
   an input tensor can share one numpy buffer between all infer requests (a state is copied into each request).
   A Linear's rank dimension is dynamic; a convolution's is static, the sum of its loaded adapters' ranks (the CPU
   plugin refuses a convolution with dynamic weight shapes), zero-padded for the adapters not active.
-- A and B are float16 where the model computes in bf16/f16 (a float16 file's tensors are fed as stored: no
-  copy, half the memory of float32; the plugin converts them to bf16 as it did float32 ones) and float32 where
-  it computes in f32 (exact to peft's float32 branch); another file dtype is converted once and kept. Each rank
-  column's scale (alpha / r x adapter weight) is a third input, lora_s.N, applied to x @ A^T ([tokens, r]:
-  cheap), so a switch of weights copies no weight. A value float16 cannot hold is refused with one line.
+- A and B are fed in the type the model computes in, so that the graph converts nothing per call: bf16 (each file's
+  tensors converted once and kept; a float16 Parameter converted in the graph was 1.8 % of a real-size UNet call's
+  node time, its reference Convert kernel), float16 (a float16 file's tensors as stored: no copy) or float32 (exact
+  to peft's float32 branch). Each rank column's scale (alpha / r x adapter weight) is a third input, lora_s.N,
+  applied to x @ A^T ([tokens, r]: cheap), so a switch of weights copies no weight. A value float16 cannot hold is
+  refused with one line (float16 models).
 - Switching adapters (set_adapters, weights, disable/enable) only sets those inputs' tensors: several adapters
   are concatenated along the rank, each one's alpha/rank x adapter weight in its columns of the scale, so the
   branch is exactly peft's sum over active adapters of lora_B(lora_A(x)) * scaling (ref: peft
@@ -38,9 +39,13 @@ set_adapters 0.1 s against a 14 s cold UNet compile; 0.98 GiB RSS per loaded ada
 GiB and a 0.014 s switch with float16 A and B and the scale as an input, RESULTS.md).
 On the mid-size model the first generation after the first load compiles the variant (5.5 s with the text
 encoders and two steps).
-The branch is added after the layer's bias Add, so that MatMul/Convolution + bias stay one fused op (measured 0.185
-vs 0.207 s before it, noisy). Static ranks for Linear layers too (the sum of the loaded adapters' ranks) measured
-about the same as dynamic ones (0.358 vs 0.357 s, then 0.200 vs 0.206 s against 0.191 s plain), so they stay
+The branch is added after the layer's bias Add, so that MatMul/Convolution + bias stay one fused op (measured 0.185 vs
+0.207 s before it, noisy). GEGLU's projection (ff.net.0.proj, the widest output) is split in two right after it: its
+branch is added to each half after the split (B's rows split alike), where the add joins GEGLU's element-wise subgraph
+instead of a pass of its own over [tokens, 10240] (real-size SDXL, 512x512, per-node profile: the branches' share of a
+UNet call's node time 10.0 % -> 8.9 %, the standalone adds 1.75 % -> 0.40 %). Static ranks for Linear layers too (the
+sum of the loaded adapters' ranks) measured about the same as dynamic ones (0.358 vs 0.357 s, then 0.200 vs 0.206 s
+against 0.191 s plain; at real size the branches' share of the node time 10.2 % static vs 9.7 % dynamic), so they stay
 dynamic: no zero padding for loaded adapters that are not active, and loading a file whose layers are Linear ones
 already grafted compiles nothing (a convolution's rank grows: one more compile; `ModelAdapters.static_linear` makes
 Linear ranks static too).
@@ -219,12 +224,25 @@ def _after_bias(node: ov.Node) -> ov.Node:
     return node
 
 
+def _split_after(consumers) -> ov.Node | None:
+    """A VariadicSplit of the layer's output into two along its last axis (GEGLU's ff.net.0.proj), else None."""
+    for target in consumers:
+        node = target.get_node()
+        if node.get_type_name() == "VariadicSplit" and target.get_index() == 0 and node.get_output_size() == 2:
+            axis = node.input(1).get_source_output().get_node()
+            rank = node.get_input_partial_shape(0).rank.get_length()
+            if axis.get_type_name() == "Constant" and int(axis.get_data().ravel()[0]) in (-1, rank - 1):
+                return node
+    return None
+
+
 def graft(model: ov.Model, table: dict, modules: list[str], conv_rank: dict[str, int],
-          dtype: type = np.float32) -> ov.Model:  # fmt: skip
-    """Add a LoRA branch to each of `modules` (in place): Parameters lora_a.N / lora_b.N of `dtype` (float16:
-    converted to the layer's type in the graph) and lora_s.N [r] (each rank column's scale, float32), N = index in
-    `modules`; the branch is ((x @ A^T) * s) @ B^T. A Linear's rank dimension is dynamic, a convolution's static
-    (conv_rank: OpenVINO's CPU plugin refuses a convolution with a dynamic weight shape)."""
+          dtype=np.float32) -> ov.Model:  # fmt: skip
+    """Add a LoRA branch to each of `modules` (in place): Parameters lora_a.N / lora_b.N of `dtype` (BF16 or
+    float16: converted to the layer's type in the graph, a conversion the plugin drops where it computes in that
+    type) and lora_s.N [r] (each rank column's scale, float32), N = index in `modules`; the branch
+    is ((x @ A^T) * s) @ B^T. A Linear's rank dimension is dynamic, a convolution's static (conv_rank: OpenVINO's
+    CPU plugin refuses a convolution with a dynamic weight shape)."""
     ops = {op.get_friendly_name(): op for op in model.get_ops()}
     params = []
     for n, module in enumerate(modules):
@@ -237,7 +255,7 @@ def graft(model: ov.Model, table: dict, modules: list[str], conv_rank: dict[str,
         anchor = _after_bias(node)  # add after the bias: the layer's MatMul/Convolution + bias stay one fused op
         consumers = list(anchor.output(0).get_target_inputs())
         r = conv_rank.get(module, -1)  # -1: dynamic
-        pt = ov.Type.f16 if dtype == np.float16 else et
+        pt = ov.Type.bf16 if dtype == BF16 else ov.Type.f16 if dtype == np.float16 else et
         a = ov.opset13.parameter(ov.PartialShape([r, *shape[1:]]), pt, name=f"lora_a.{n}")
         b = ov.opset13.parameter(ov.PartialShape([shape[0], r, *[1] * (len(shape) - 2)]), pt, name=f"lora_b.{n}")
         scale = ov.opset13.parameter(ov.PartialShape([r]), et, name=f"lora_s.{n}")
@@ -247,15 +265,26 @@ def graft(model: ov.Model, table: dict, modules: list[str], conv_rank: dict[str,
         if pt != et:
             a, b = ov.opset13.convert(a, et), ov.opset13.convert(b, et)
         if kind == "linear":
-            down = ov.opset13.multiply(ov.opset13.matmul(x, a, False, True), scale)
-            branch = ov.opset13.matmul(down, b, False, True)
+            down = ov.opset13.matmul(x, a, False, True, name=f"lora.{n}.down")
+            down = ov.opset13.multiply(down, scale)
+            branch = ov.opset13.matmul(down, b, False, True, name=f"lora.{n}.up")
         else:
             at = node.get_attributes()
             down = ov.opset13.convolution(x, a, at["strides"], at["pads_begin"], at["pads_end"], at["dilations"],
                                           at["auto_pad"])  # fmt: skip
             per_channel = ov.opset13.reshape(scale, ov.opset13.constant(np.array([1, -1, 1, 1], np.int64)), False)
             branch = ov.opset13.convolution(ov.opset13.multiply(down, per_channel), b, [1, 1], [0, 0], [0, 0], [1, 1])
-        added = ov.opset13.add(anchor.output(0), branch)
+        split = _split_after(consumers) if kind == "linear" else None
+        if split is not None:
+            parts = ov.opset13.variadic_split(b, ov.opset13.constant(np.int64(0)), split.input(2).get_source_output())
+            for i in range(2):
+                targets_i = list(split.output(i).get_target_inputs())
+                up = ov.opset13.matmul(down, parts.output(i), False, True, name=f"lora.{n}.up{i}")
+                added = ov.opset13.add(split.output(i), up, name=f"lora.{n}.add{i}")
+                for target in targets_i:
+                    target.replace_source_output(added.output(0))
+            continue
+        added = ov.opset13.add(anchor.output(0), branch, name=f"lora.{n}.add")
         for target in consumers:
             target.replace_source_output(added.output(0))
     model.add_parameters(params)
@@ -271,18 +300,38 @@ class Float16RangeError(RuntimeInputError):
         self.layer = layer
 
 
-def _fed(layer: Layer, role: str, dtype: type) -> np.ndarray:
-    """The layer's down or up weight in `dtype`: as loaded when it is already (no copy), else converted once and
-    kept on the layer; float16 that cannot hold it is one line naming the layer, not inf."""
+BF16 = "bf16"  # ModelAdapters.dtype of a model computing in bf16: A and B fed as bf16 (uint16 arrays of its bits)
+
+
+def _storage(dtype) -> np.dtype:
+    return np.dtype(np.uint16 if dtype == BF16 else dtype)
+
+
+def as_bf16(arr: np.ndarray) -> np.ndarray:
+    """float16/float32 -> bfloat16 bits (uint16), rounded to nearest even as OpenVINO's conversion does."""
+    u = np.ascontiguousarray(arr, np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
+def _fed(layer: Layer, role: str, dtype) -> np.ndarray:
+    """The layer's down or up weight as fed to a model computing in `dtype` (np.float32, np.float16 or BF16): as
+    loaded when it is already (no copy), else converted once and kept on the layer; a type that cannot hold it is
+    one line naming the layer, not inf."""
     arr = getattr(layer, role)
-    if arr.dtype == dtype:
+    if dtype != BF16 and arr.dtype == dtype:
         return arr
-    key = (role, np.dtype(dtype).str)
+    key = (role, dtype if dtype == BF16 else np.dtype(dtype).str)
     if key not in layer.fed:
-        with np.errstate(over="ignore"):
-            out = arr.astype(dtype)
-        if not np.isfinite(out).all():
-            raise Float16RangeError(layer, f"layer '{layer.key}' exceeds float16's range (the adapters' tensors at "
+        if dtype == BF16:
+            out = as_bf16(arr)
+            finite = ((out & 0x7F80) != 0x7F80).all()  # exponent all ones: inf/NaN
+        else:
+            with np.errstate(over="ignore"):
+                out = arr.astype(dtype)
+            finite = np.isfinite(out).all()
+        if not finite:
+            kind = "bfloat16" if dtype == BF16 else "float16"
+            raise Float16RangeError(layer, f"layer '{layer.key}' exceeds {kind}'s range (the adapters' tensors at "
                                            "this precision): use precision f32")  # fmt: skip
         layer.fed[key] = out
     return layer.fed[key]
@@ -295,9 +344,10 @@ class ModelAdapters:
 
     def __init__(self, ov_model, component: str):
         self.ov_model, self.component = ov_model, component
-        # the branch's A and B: float16 where the model computes in bf16/f16 (half the memory of float32, and
-        # float16 files are fed as stored); float32 where it computes in f32 (exact to peft's float32 branch)
-        self.dtype = np.float32 if ov_model.precision() in ("f32", "") else np.float16
+        # the branch's A and B in the type the model computes in: bf16 (no conversion per call in the graph),
+        # float16 (a float16 file's tensors fed as stored), float32 (exact to peft's float32 branch)
+        precision = ov_model.precision()
+        self.dtype = BF16 if precision == "bf16" else np.float16 if precision == "f16" else np.float32
         self._modules: Modules | None = None
         self.grafted: list[str] = []  # the layers of the compiled LoRA variant, in parameter order
         self.conv_rank: dict[str, int] = {}  # a grafted convolution's rank: the sum of its loaded adapters' ranks
@@ -356,15 +406,16 @@ class ModelAdapters:
                     pad = self.conv_rank[module] - sum(map(len, downs))
                 else:
                     pad = 0 if downs else 1
+                store = _storage(self.dtype)
                 if pad:
-                    downs.append(np.zeros((pad, *shape[1:]), self.dtype))
-                    ups.append(np.zeros((shape[0], pad, *[1] * (len(shape) - 2)), self.dtype))
+                    downs.append(np.zeros((pad, *shape[1:]), store))  # zero bits: +0.0 in every type
+                    ups.append(np.zeros((shape[0], pad, *[1] * (len(shape) - 2)), store))
                     scales.append(np.zeros(pad, np.float32))
                 # one adapter: its tensors as loaded, no copy (a switch of weights sets only the scales)
                 down = downs[0] if len(downs) == 1 else np.concatenate(downs, axis=0)
                 up = ups[0] if len(ups) == 1 else np.concatenate(ups, axis=1)
-                tensors[f"lora_a.{n}"] = np.ascontiguousarray(down, self.dtype)
-                tensors[f"lora_b.{n}"] = np.ascontiguousarray(up, self.dtype)
+                tensors[f"lora_a.{n}"] = np.ascontiguousarray(down, store)
+                tensors[f"lora_b.{n}"] = np.ascontiguousarray(up, store)
                 tensors[f"lora_s.{n}"] = np.concatenate(scales)
             self.tensors, self.active = tensors, bool(self.grafted)
 
@@ -375,5 +426,10 @@ class ModelAdapters:
         for port in request.model_inputs:
             name = port.get_any_name()
             if name.startswith("lora_"):
-                request.set_tensor(port, ov.Tensor(tensors[name], shared_memory=True))
+                arr = tensors[name]
+                if self.dtype == BF16 and not name.startswith("lora_s."):
+                    tensor = ov.Tensor(arr, list(arr.shape), ov.Type.bf16)  # shares arr's memory
+                else:
+                    tensor = ov.Tensor(arr, shared_memory=True)
+                request.set_tensor(port, tensor)
         return tensors

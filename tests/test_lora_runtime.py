@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import openvino as ov
 import pytest
 import torch
 
@@ -273,7 +274,6 @@ def test_graft_on_compressed_weights():
     """int8/int4 folders: the branch reads a layer's input and adds to its output, the decompressed weight
     (u8 constant -> Convert -> Subtract -> Multiply, as NNCF writes it) untouched; equals the fused weight
     W + B @ A for a Linear and a strided, padded 3x3 convolution (LoCon)."""
-    import openvino as ov
     from openvino import opset13 as ops
 
     from runtime.lora import graft, targets
@@ -323,46 +323,108 @@ def test_graft_on_compressed_weights():
     assert np.abs(ref).max() > 1
 
 
-def test_bf16_models_take_float16_adapters(base, tmp_path):
-    """A model computing in bf16 is fed a float16 file's A and B as loaded (no copy: half the memory of float32)
-    and each adapter's scale as a third input, so a switch of weights copies no weight; its image is as far from
-    the f32 run's as bf16 puts the plain image from f32's. A file float16 cannot hold is one line, loads nothing."""
+def test_bf16_bits_are_openvinos():
+    """as_bf16 rounds float32 to bfloat16 as OpenVINO's Convert does (to nearest, ties to even)."""
+    from runtime.lora import as_bf16
+
+    x = np.random.default_rng(0).standard_normal(4096).astype(np.float32) * 1e3
+    x[:4] = [1.0, -2.5, 1 + 2**-8, 1 + 3 * 2**-8]  # the last two halfway between two bfloat16 values
+    p = ov.opset13.parameter([x.size], ov.Type.f32, name="x")
+    m = ov.Model([ov.opset13.convert(ov.opset13.convert(p, ov.Type.bf16), ov.Type.f32)], [p])
+    want = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({"x": x})[0]
+    got = (as_bf16(x).astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(got, want)
+    assert as_bf16(x[:4]).tolist() == [0x3F80, 0xC020, 0x3F80, 0x3F82]
+
+
+def test_adapters_are_fed_in_the_models_precision(base, tmp_path):
+    """A and B are fed in the type the model computes in, so the graph converts nothing per call: bf16 (converted
+    once per file and kept), float16 (a float16 file's tensors as loaded: no copy), float32. Each adapter's scale
+    is a third input, so a switch of weights copies no weight. The bf16 image is as far from the f32 run's as bf16
+    puts the plain image from f32's. A file float16 cannot hold is one line on a float16 model, loads nothing."""
     from safetensors import safe_open
     from safetensors.numpy import save_file
+
+    from runtime.lora import as_bf16
 
     with safe_open(str(base[0]["peft"]), "np") as f:
         half, meta = {k: f.get_tensor(k).astype(np.float16) for k in f.keys()}, f.metadata()
     path = tmp_path / "half.safetensors"
     save_file(half, str(path), metadata=meta)
     assert {layer.down.dtype for layer in load_lora(path).layers} == {np.dtype(np.float16)}
-    got, pipes = {}, {}
-    for precision in ("bf16", "f32"):
+    got, pipes, fed = {}, {}, {"bf16": np.uint16, "f16": np.float16, "f32": np.float32}
+    for precision in ("bf16", "f16", "f32"):
         pipe = pipes[precision] = SDXLPipeline(ov_dir("base"), precision=precision, cache_dir=None)
         got[precision, "plain"] = _ours(pipe)[0]
         pipe.load_lora_weights(path, adapter_name="half")
         pipe.set_adapters(["half"], adapter_weights=[0.8])
         got[precision, "lora"] = _ours(pipe)[0]
         unet = pipe.unet.lora
-        dtype = np.dtype(np.float16 if precision == "bf16" else np.float32)
-        assert {v.dtype for k, v in unet.tensors.items() if not k.startswith("lora_s.")} == {dtype}
-    unet, pipe = pipes["bf16"].unet.lora, pipes["bf16"]
-    layer = next(iter(pipe._lora()["loaded"]["half"][1]["unet"].values()))
-    n = unet.grafted.index(next(m for m, x in pipe._lora()["loaded"]["half"][1]["unet"].items() if x is layer))
-    assert unet.tensors[f"lora_a.{n}"] is layer.down and unet.tensors[f"lora_b.{n}"] is layer.up  # as loaded
-    np.testing.assert_allclose(unet.tensors[f"lora_s.{n}"], layer.scaling * 0.8, rtol=1e-6)
-    before = dict(unet.tensors)
-    pipe.set_adapters(["half"], adapter_weights=[0.5])  # a switch of weights: new scales, the same A and B
-    assert all(unet.tensors[k] is v for k, v in before.items() if not k.startswith("lora_s."))
-    np.testing.assert_allclose(unet.tensors[f"lora_s.{n}"], layer.scaling * 0.5, rtol=1e-6)
-    pipe.set_adapters(["half"], adapter_weights=[0.8])
+        assert {v.dtype for k, v in unet.tensors.items() if not k.startswith("lora_s.")} == {np.dtype(fed[precision])}
+        plan = pipe._lora()["loaded"]["half"][1]["unet"]
+        module, layer = next(iter(plan.items()))
+        n = unet.grafted.index(module)
+        a, b = unet.tensors[f"lora_a.{n}"], unet.tensors[f"lora_b.{n}"]
+        if precision == "f16":
+            assert a is layer.down and b is layer.up  # as loaded
+        if precision == "bf16":  # bf16's bits, rounded as OpenVINO rounds; the same arrays at the next switch
+            np.testing.assert_array_equal(a, as_bf16(layer.down))
+        np.testing.assert_allclose(unet.tensors[f"lora_s.{n}"], layer.scaling * 0.8, rtol=1e-6)
+        before = dict(unet.tensors)
+        pipe.set_adapters(["half"], adapter_weights=[0.5])  # a switch of weights: new scales, the same A and B
+        assert all(unet.tensors[k] is v for k, v in before.items() if not k.startswith("lora_s."))
+        np.testing.assert_allclose(unet.tensors[f"lora_s.{n}"], layer.scaling * 0.5, rtol=1e-6)
+        pipe.set_adapters(["half"], adapter_weights=[0.8])
+        assert np.isfinite(got[precision, "lora"]).all()
 
+    pipe = pipes["f16"]
     big = {k: v.astype(np.float32) * (1e8 if "lora_B" in k else 1) for k, v in half.items()}
     save_file(big, str(tmp_path / "big.safetensors"), metadata=meta)  # float32, fine there; not in float16
     with pytest.raises(RuntimeInputError, match=rf"^{tmp_path / 'big.safetensors'}: layer .* exceeds float16's"):
         pipe.load_lora_weights(tmp_path / "big.safetensors", adapter_name="big")
     assert pipe.get_active_adapters() == ["half"] and "big" not in pipe.get_list_adapters()["unet"]
-    np.testing.assert_array_equal(_ours(pipe)[0], got["bf16", "lora"])  # weight 0.8 still in force
+    np.testing.assert_array_equal(_ours(pipe)[0], got["f16", "lora"])  # weight 0.8 still in force
+    pipes["bf16"].load_lora_weights(tmp_path / "big.safetensors", adapter_name="big")  # bf16 holds it
     bf16_noise = np.abs(got["bf16", "plain"] - got["f32", "plain"]).max()
     apart = np.abs(got["bf16", "lora"] - got["f32", "lora"]).max()
     effect = np.abs(got["f32", "lora"] - got["f32", "plain"]).max()
     assert apart <= 1.5 * bf16_noise and effect > 5 * apart, (apart, bf16_noise, effect)
+
+
+def test_graft_adds_a_geglu_projections_branch_after_its_split():
+    """GEGLU's projection (ff.net.0.proj) is split in two halves right after it: each half's branch (B's rows
+    split alike) is added after the split, where the add joins GEGLU's element-wise subgraph; equals the fused
+    weight W + B @ diag(s) @ A."""
+    from openvino import opset13 as ops
+
+    from runtime.lora import graft, targets
+
+    rng = np.random.default_rng(1)
+    w, bias = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+
+    def build(weight):
+        x = ops.parameter([2, 5, 6], np.float32, name="x")
+        lin = ops.matmul(x, ops.constant(weight), False, True)
+        lin.set_friendly_name("__module.model.blk.ff.net.0.proj/ov_ext::linear/MatMul")
+        y = ops.add(lin, ops.constant(bias))
+        half = ops.divide(ops.gather(ops.shape_of(y), ops.constant(np.int64(-1)), ops.constant(np.int64(0))),
+                          ops.constant(np.int64(2)))  # fmt: skip
+        lengths = ops.concat([ops.unsqueeze(half, ops.constant(np.int64(0)))] * 2, 0)  # as torch's chunk traces
+        h, g = ops.variadic_split(y, ops.constant(np.int64(-1)), lengths).outputs()
+        return ov.Model([ops.multiply(h, ops.gelu(g, "erf"))], [x])
+
+    model = build(w)
+    graft(model, targets(model, "unet"), ["blk.ff.net.0.proj"], {})
+    names = {op.get_friendly_name() for op in model.get_ops()}
+    assert {"lora.0.up0", "lora.0.up1", "lora.0.add0", "lora.0.add1"} <= names and "lora.0.add" not in names
+    lora = {"lora_a.0": rng.standard_normal((3, 6)), "lora_b.0": rng.standard_normal((8, 3)),
+            "lora_s.0": np.array([0.5, -2.0, 1.25])}  # fmt: skip
+    lora = {k: v.astype(np.float32) for k, v in lora.items()}
+    x = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    out = ov.Core().compile_model(model, "CPU", f32)({"x": x, **lora})[0]
+    fused = w + lora["lora_b.0"] @ np.diag(lora["lora_s.0"]) @ lora["lora_a.0"]
+    ref = ov.Core().compile_model(build(fused), "CPU", f32)({"x": x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    plain = ov.Core().compile_model(build(w), "CPU", f32)({"x": x})[0]
+    assert np.abs(ref - plain).max() > 0.5
