@@ -5,8 +5,8 @@ python -m benchmarks.lora_runtime [--rank 16] [--size 512] [--steps 4] [--precis
 python -m benchmarks.lora_runtime --folder DIR [--fused DIR] [--lora F --lora F] [--genai --genai-lora F] ...
     a converted folder (e.g. real-size random weights): load / switch / compile / RSS figures, then the
     configurations in turn, one compiled UNet at a time, interleaved for --rounds rounds;
-python -m benchmarks.lora_runtime --folder DIR --fused DIR --lora F --compare A,B [--genai-lora F] ...
-    two configurations kept compiled and alternated generation by generation (A B, B A, ...): the form that
+python -m benchmarks.lora_runtime --folder DIR --fused DIR --lora F --compare A,B[,C...] [--genai-lora F] ...
+    configurations kept compiled and alternated generation by generation (A B, B A, ...): the form that
     survives this machine's changes of speed best.
 
 Per-UNet-call medians of a generation (denoiser.call_seconds, first call dropped; openvino.genai: its own
@@ -15,6 +15,7 @@ timers, the mean of the calls after the first). Configurations:
 - disabled: adapters loaded, then disable_lora() (zero tensors on the LoRA variant);
 - active: the LoRA at run time (runtime/lora.py: branches with their A and B as inputs);
 - fused: the same LoRA fused into a folder converted with --lora;
+- fuse_lora (--compare only): the same LoRA fused at run time (pipe.fuse_lora(), runtime/lora_fuse.py);
 - openvino.genai plain / active: its Text2ImagePipeline (static shapes) on the same model (an i64-timestep
   folder: the --fused one in the folder modes), with the same LoRA as a kohya file in an AdapterConfig.
 The LoRA: PEFT keys, rank R on the UNet's attention and feed-forward layers.
@@ -174,18 +175,23 @@ def _folder_mode(a) -> int:
 
 
 def _pair_mode(a) -> int:
-    """--compare A,B (of plain, active, fused, genai-plain, genai-active): both kept compiled, then --rounds
-    alternating generations of --steps steps (A, B, B, A, ...: call-level neighbours, so that the machine's
-    speed changes fall on both); per generation the median UNet call after the first; the ratio A/B as the median
-    of the per-round ratios and as the ratio of medians."""
+    """--compare A,B[,C...] (of plain, active, fused, fuse_lora, genai-plain, genai-active; fuse_lora: the LoRA
+    fused at run time): all kept compiled, then --rounds rounds of one generation of --steps steps each, in an
+    order reversed every round (A, B, B, A, ...: call-level neighbours, so that the machine's speed changes fall on
+    all); per generation the median UNet call after the first; each one's ratio to the last as the median of the
+    per-round ratios and as the ratio of medians."""
     from benchmarks.machine import matmul_gflops
     from runtime.pipeline import SDXLPipeline
 
-    def ours(folder, lora=None):
+    def ours(folder, lora=None, fuse=False):
         pipe = SDXLPipeline(folder, precision=a.precision, cache_dir=None)
         if lora is not None:
             pipe.load_lora_weights(lora, adapter_name="a")
+        if fuse:
+            pipe.fuse_lora()
+        t = time.perf_counter()
         _unet_calls(pipe, a.size, 2)  # compiles
+        print(f"  first generation (2 steps, compiles): {time.perf_counter() - t:.1f} s", flush=True)
         return lambda: _unet_calls(pipe, a.size, a.steps)
 
     def genai(lora=None):
@@ -206,26 +212,29 @@ def _pair_mode(a) -> int:
 
     lora = (a.lora or [None])[0]
     make = {"plain": lambda: ours(a.folder), "active": lambda: ours(a.folder, lora),
-            "fused": lambda: ours(a.fused), "genai-plain": lambda: genai(),
+            "fused": lambda: ours(a.fused), "fuse_lora": lambda: ours(a.folder, lora, fuse=True),
+            "genai-plain": lambda: genai(),
             "genai-active": lambda: genai(a.genai_lora)}  # fmt: skip
     names = a.compare.split(",")
-    if len(names) != 2 or not set(names) <= set(make):
-        raise SystemExit(f"--compare A,B: two of {', '.join(make)}")
+    if len(names) < 2 or len(set(names)) != len(names) or not set(names) <= set(make):
+        raise SystemExit(f"--compare A,B[,C...]: two or more of {', '.join(make)}")
     mm = matmul_gflops(2048)
     print(f"MatMul 2048^3: {mm['openvino_bf16']:.0f} bf16 / {mm['openvino_f32']:.0f} f32 GFLOP/s (OpenVINO)")
     run = {n: make[n]() for n in names}
-    print(f"both compiled, RSS {_rss() / 2**30:.2f} GiB", flush=True)
+    print(f"all compiled, RSS {_rss() / 2**30:.2f} GiB", flush=True)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(a.rounds):
         for n in names if r % 2 == 0 else reversed(names):
             times[n].append(run[n]())
         print(f"round {r + 1}: " + "  ".join(f"{n} {times[n][-1]:.3f} s" for n in names), flush=True)
-    x, y = names
-    ratios = [p / q for p, q in zip(times[x], times[y], strict=True)]
-    print(f"median UNet call: {x} {statistics.median(times[x]):.3f} s, {y} {statistics.median(times[y]):.3f} s")
-    print(f"{x} / {y}: ratio of medians {statistics.median(times[x]) / statistics.median(times[y]):.3f}, "
-          f"median of per-round ratios {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
-          f"max {max(ratios):.3f}); peak RSS {_peak_rss() / 2**30:.2f} GiB")  # fmt: skip
+    y = names[-1]
+    print("median UNet call: " + ", ".join(f"{n} {statistics.median(times[n]):.3f} s" for n in names))
+    for x in names[:-1]:
+        ratios = [p / q for p, q in zip(times[x], times[y], strict=True)]
+        print(f"{x} / {y}: ratio of medians {statistics.median(times[x]) / statistics.median(times[y]):.3f}, "
+              f"median of per-round ratios {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
+              f"max {max(ratios):.3f})")  # fmt: skip
+    print(f"peak RSS {_peak_rss() / 2**30:.2f} GiB")
     return 0
 
 
@@ -295,9 +304,9 @@ def main(argv=None) -> int:
         help="with --folder: the LoRA files (PEFT keys; default: two made from the IR's shapes)",
     )
     p.add_argument("--genai-lora", type=Path, default=None, help="the first LoRA in kohya keys, for openvino.genai")
-    p.add_argument("--compare", default=None, metavar="A,B",
-                   help="with --folder: two of plain, active, fused, genai-plain, genai-active, both kept compiled, "
-                   "alternated for --rounds rounds")  # fmt: skip
+    p.add_argument("--compare", default=None, metavar="A,B[,C...]",
+                   help="with --folder: two or more of plain, active, fused, fuse_lora, genai-plain, genai-active, "
+                   "all kept compiled, alternated for --rounds rounds")  # fmt: skip
     p.add_argument("--genai", action="store_true", help="also openvino.genai's run-time adapter (an i64 folder)")
     a = p.parse_args(argv)
 

@@ -50,6 +50,7 @@ def png_flags(params: dict) -> list[str]:
         if value is not None and key not in skip and not (key == "refiner_strength" and params.get("high_noise_frac")):
             flags.append(f"{flag}={value}")  # one token each: values that start with "-" stay values
     flags += [f"--lora={a['path']}:{a['weight']}" for a in params.get("loras") or []]
+    flags += ["--fuse-lora"] if any(a.get("fused") for a in params.get("loras") or []) else []
     return flags  # batch seed mode: --num-images, --seed-mode batch and --batch-pos make the batch, keep its image
 
 

@@ -63,6 +63,9 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="a LoRA .safetensors applied at run time (diffusers/PEFT or kohya keys), weight 1 by default; "
                    "repeat for several (blended as diffusers' set_adapters)")  # fmt: skip
+    p.add_argument("--fuse-lora", action="store_true",
+                   help="fuse the --lora adapters into the weights (diffusers' fuse_lora): steps cost what a LoRA "
+                   "fused at conversion costs; the compile is the same one")  # fmt: skip
     p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
     p.add_argument("--clip-skip", type=int, default=None)
     p.add_argument("--prompt-syntax", choices=["plain", "compel", "a1111"], default="plain",
@@ -284,6 +287,8 @@ def generate(args):
         raise RuntimeInputError("--image with --refiner is not supported; run img2img on either folder")
     if args.image is not None and args.mask is None and args.outpaint is None and (args.height or args.width):
         raise RuntimeInputError("--height/--width do not apply with --image (its size is used)")
+    if args.fuse_lora and not args.lora:
+        raise RuntimeInputError("--fuse-lora needs --lora")
     if args.batch_pos is not None and (args.seed_mode != "batch" or not 0 <= args.batch_pos < args.num_images):
         raise RuntimeInputError("--batch-pos needs --seed-mode batch and a position below --num-images")
     progress = Progress(not args.quiet and sys.stderr.isatty())
@@ -303,6 +308,8 @@ def _generate(args, progress: Progress, SDXLPipeline):
         from runtime.lora_api import load_cli_loras
 
         load_cli_loras(pipe, args.lora)
+        if args.fuse_lora:
+            pipe.fuse_lora()
     kwargs = dict(prompt=args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative_prompt,
                   negative_prompt_2=args.negative_prompt_2, num_inference_steps=args.steps,
                   guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,

@@ -309,8 +309,10 @@ def _storage(dtype) -> np.dtype:
 
 def as_bf16(arr: np.ndarray) -> np.ndarray:
     """float16/float32 -> bfloat16 bits (uint16), rounded to nearest even as OpenVINO's conversion does."""
-    u = np.ascontiguousarray(arr, np.float32).view(np.uint32)
-    return ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    u = np.array(arr, np.float32, order="C").view(np.uint32)  # a copy, rounded in place
+    u += ((u >> 16) & np.uint32(1)) + np.uint32(0x7FFF)
+    u >>= 16
+    return u.astype(np.uint16)
 
 
 def _fed(layer: Layer, role: str, dtype) -> np.ndarray:
@@ -324,7 +326,7 @@ def _fed(layer: Layer, role: str, dtype) -> np.ndarray:
     if key not in layer.fed:
         if dtype == BF16:
             out = as_bf16(arr)
-            finite = ((out & 0x7F80) != 0x7F80).all()  # exponent all ones: inf/NaN
+            finite = ((out & 0x7F80) != 0x7F80).all()  # rounded up to inf (files with nan/inf are refused on load)
         else:
             with np.errstate(over="ignore"):
                 out = arr.astype(dtype)
@@ -353,6 +355,8 @@ class ModelAdapters:
         self.conv_rank: dict[str, int] = {}  # a grafted convolution's rank: the sum of its loaded adapters' ranks
         self.tensors: dict[str, np.ndarray] = {}  # lora_a.N / lora_b.N of the active set
         self.active = False
+        self.fused: float | None = None  # fuse_lora()'s lora_scale while the active set is fused into the weights
+        self._fusion: tuple[str, dict] = ("", {})  # (tag, module -> [(layer, scale)]) of the active set, fused
         self.lock = threading.Lock()
 
     @property
@@ -365,6 +369,8 @@ class ModelAdapters:
 
     @property
     def tag(self) -> str:
+        if self.fused is not None:
+            return self._fusion[0]
         layout = [f"{m}:{self.conv_rank.get(m, 0)}" for m in self.grafted]
         digest = hashlib.sha256("\n".join(layout).encode()).hexdigest()[:12]
         return f"lora-{digest}"
@@ -373,7 +379,20 @@ class ModelAdapters:
         return graft(model, self.modules.table, list(self.grafted), dict(self.conv_rank), self.dtype)
 
     def wrap(self, derive):
+        if self.fused is not None:  # runtime.lora_fuse: the active set baked into the weight constants
+            from runtime.lora_fuse import fuse
+
+            terms = self._fusion[1]
+            return lambda model: {name: fuse(m, self.modules.table, terms) for name, m in derive(model).items()}
         return lambda model: {name: self.graft(m) for name, m in derive(model).items()}
+
+    def check_fusable(self) -> None:
+        """fuse_lora(): one line if a grafted layer's weight is compressed (nothing to fuse into)."""
+        from runtime.lora_fuse import check_fusable
+        from runtime.ov_model import read_ir
+
+        check_fusable(read_ir(self.ov_model.core, self.ov_model.xml), self.modules.table, self.grafted,
+                      SHOWN[self.component])  # fmt: skip
 
     def register(self, plan: dict[str, Layer]) -> None:
         """A loaded adapter's layers: grafted from the next compile on (convolutions: their rank added)."""
@@ -418,11 +437,20 @@ class ModelAdapters:
                 tensors[f"lora_b.{n}"] = np.ascontiguousarray(up, store)
                 tensors[f"lora_s.{n}"] = np.concatenate(scales)
             self.tensors, self.active = tensors, bool(self.grafted)
+            if self.fused is not None:  # the fused variant of this set, its own tag (none active: the plain weights)
+                terms: dict[str, list] = {}
+                for plan, weight in pairs:
+                    for module, layer in plan.items():
+                        terms.setdefault(module, []).append((layer, layer.scaling * weight * self.fused))
+                key = "\n".join(f"{m}:{id(x)}:{s!r}" for m in sorted(terms) for x, s in terms[m])
+                self._fusion = (f"lora-fused-{hashlib.sha256(key.encode()).hexdigest()[:12]}", terms)
 
     def bind(self, request: ov.InferRequest) -> dict[str, np.ndarray]:
         """Point the request's LoRA inputs at the active set's tensors (shared memory: no copy); returns them
         (the caller keeps them while it runs the request: a switch meanwhile makes new ones)."""
         tensors = self.tensors
+        if self.fused is not None:
+            return {}  # the fused variant has no LoRA inputs
         for port in request.model_inputs:
             name = port.get_any_name()
             if name.startswith("lora_"):

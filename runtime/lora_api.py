@@ -2,7 +2,9 @@
 StableDiffusionXLLoraLoaderMixin v0.42 with the peft backend, unfused adapters):
 load_lora_weights(path, adapter_name) loads a file and makes it the one active adapter (weight 1);
 set_adapters(names, adapter_weights) chooses the active set and weights; disable_lora()/enable_lora() turn all
-adapters off/on without forgetting the set; unload_lora_weights() forgets them all; get_active_adapters().
+adapters off/on without forgetting the set; unload_lora_weights() forgets them all; get_active_adapters();
+fuse_lora(components, lora_scale) / unfuse_lora(components): the set in force baked into the weights (one compile
+per set, steps at the cost of a LoRA fused at conversion; runtime/lora_fuse.py) or run as branches again.
 The machinery (grafted branches, tensors switched without recompiling) is runtime/lora.py."""
 
 from __future__ import annotations
@@ -121,6 +123,44 @@ class LoraMixin:
                             model._idle.pop(key, None)
                     model.lora = None
 
+    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0) -> None:
+        """diffusers' fuse_lora: the adapters in force baked into the weights of `components` (default: all that
+        have adapters) x lora_scale, so a step costs what a LoRA fused at conversion costs. The next generation
+        compiles the fused models; so does each later change of the set (set_adapters, enable/disable, load), which
+        stays fused until unfuse_lora(). Unlike diffusers, the set in force is what runs, fused or not, and
+        unload_lora_weights() unfuses too (the fused weights are rebuilt from the adapters at each compile)."""
+        state = self._lora()
+        with state["lock"]:
+            if isinstance(lora_scale, bool) or not isinstance(lora_scale, int | float) or not math.isfinite(lora_scale):
+                raise RuntimeInputError(f"fuse_lora: lora_scale {lora_scale!r} is not a finite number")
+            models = self._lora_components(components, "fuse_lora")
+            if not state["loaded"]:
+                raise RuntimeInputError("fuse_lora: no adapter is loaded (load_lora_weights() first)")
+            for model in models.values():
+                model.lora.check_fusable()
+            for model in models.values():
+                model.lora.fused = float(lora_scale)
+            self._lora_apply()
+
+    def unfuse_lora(self, components: list[str] | None = None) -> None:
+        """The adapters of `components` (default: all) as branches again: switching them compiles nothing."""
+        state = self._lora()
+        with state["lock"]:
+            for model in self._lora_components(components, "unfuse_lora").values():
+                model.lora.fused = None
+            self._lora_apply()
+
+    def _lora_components(self, components, what: str) -> dict:
+        models = {c: m for c, m in self._lora_models().items() if m.lora is not None}
+        if components is None:
+            return models
+        names = [components] if isinstance(components, str) else list(components)
+        for name in names:
+            if name not in self._lora_models():
+                have = ", ".join(self._lora_models())
+                raise RuntimeInputError(f"{what}: component {name!r} is not one of this pipeline's ({have})")
+        return {c: m for c, m in models.items() if c in names}
+
     def get_active_adapters(self) -> list[str]:
         return [name for name, _ in self._lora()["active"]]
 
@@ -133,15 +173,17 @@ class LoraMixin:
         return out
 
     def lora_record(self) -> list[dict]:
-        """The adapters in force (for the PNG metadata): file name (A1111's <lora:NAME:W>), weight, A1111 hash."""
+        """The adapters in force (for the PNG metadata): file name (A1111's <lora:NAME:W>), weight, A1111 hash; and
+        "fused": True while fuse_lora() is in force (bf16 rounds fused weights otherwise than branches)."""
         state = self._lora()
         if not state["enabled"]:
             return []
+        fused = any(m.lora is not None and m.lora.fused is not None for m in self._lora_models().values())
         out = []
         for name, weight in state["active"]:
             lora = state["loaded"][name][0]
             out.append({"name": lora.name, "adapter": name, "weight": weight, "hash": lora.a1111_hash,
-                        "path": str(lora.path)})  # fmt: skip
+                        "path": str(lora.path), **({"fused": True} if fused else {})})  # fmt: skip
         return out
 
     def _lora_activate(self, active: list[tuple[str, float]]) -> None:
