@@ -27,6 +27,8 @@ Design (measured, see README "LoRA at run time" and the figures in the issue's r
   the loaded adapters' layers; LoRAs of a model family target the same layers, so in practice once).
 - Weight-compressed folders (int8/int4) take adapters the same way: the branch reads the layer's input and adds
   to its output; the compressed weight is untouched.
+fuse_lora() (runtime/lora_fuse.py) is the other trade: the set in force baked into the weight constants, one compile
+per set, steps at a fused LoRA's cost.
 Measured (benchmarks/lora_runtime.py --genai, the mid-size model, 512x512, bf16 hint, a rank-16 PEFT LoRA on the
 attention and feed-forward layers, 2 CPU cores shared with other jobs, min of 3-4 interleaved rounds; two runs):
 a UNet call 0.268 / 0.215 s plain, 0.284 / 0.228 s with the adapter, 0.250 / 0.299 s fused at conversion,
@@ -36,7 +38,8 @@ on the 700 attention/feed-forward layers; benchmarks/RESULTS.md): a UNet call 1.
 conversion (the branches: +5.8 % FLOPs at about a third of the layers' efficiency: MatMuls with a dimension of 64
 run so even with A and B as constants, in a 12-layer test), 0.78x openvino.genai's run-time adapter;
 set_adapters 0.1 s against a 14 s cold UNet compile; 0.98 GiB RSS per loaded adapter (A and B in float32; 0.28-0.34
-GiB and a 0.014 s switch with float16 A and B and the scale as an input, RESULTS.md).
+GiB and a 0.014 s switch with float16 A and B and the scale as an input, RESULTS.md). With A and B in bf16 and GEGLU's
+add after its split: the branches 8.9 % of a call's node time; calls 0.83-1.17x the same LoRA fused (RESULTS.md).
 On the mid-size model the first generation after the first load compiles the variant (5.5 s with the text
 encoders and two steps).
 The branch is added after the layer's bias Add, so that MatMul/Convolution + bias stay one fused op (measured 0.185 vs
@@ -357,6 +360,7 @@ class ModelAdapters:
         self.active = False
         self.fused: float | None = None  # fuse_lora()'s lora_scale while the active set is fused into the weights
         self._fusion: tuple[str, dict] = ("", {})  # (tag, module -> [(layer, scale)]) of the active set, fused
+        self.spilled: list[str] = []  # files of the fused weights (unlinked, mapped), runtime.lora_fuse
         self.lock = threading.Lock()
 
     @property
@@ -382,9 +386,19 @@ class ModelAdapters:
         if self.fused is not None:  # runtime.lora_fuse: the active set baked into the weight constants
             from runtime.lora_fuse import fuse
 
-            terms = self._fusion[1]
-            return lambda model: {name: fuse(m, self.modules.table, terms) for name, m in derive(model).items()}
+            terms, spill = self._fusion[1], self.spill_dir()
+            self.spilled = []  # the files of this compile's fused weights (runtime.ov_model drops their pages)
+            return lambda model: {name: fuse(m, self.modules.table, terms, spill, self.spilled)
+                                  for name, m in derive(model).items()}  # fmt: skip
         return lambda model: {name: self.graft(m) for name, m in derive(model).items()}
+
+    def spill_dir(self) -> str:
+        """Where fused weights are written to be file-mapped: the model cache folder if one is set, else the
+        system's temporary folder."""
+        import tempfile
+
+        cache = self.ov_model.config.get("CACHE_DIR") or self.ov_model.core.get_property("CACHE_DIR")
+        return cache or tempfile.gettempdir()
 
     def check_fusable(self) -> None:
         """fuse_lora(): one line if a grafted layer's weight is compressed (nothing to fuse into)."""

@@ -31,14 +31,14 @@ _MADV_DONTNEED = 4
 
 
 def drop_mapped_pages(*paths: Path | str) -> int:
-    """Drop this process's resident pages of the read-only mappings of these files (or of the files under these
+    """Drop this process's resident pages of the shared mappings of these files (or of the files under these
     folders) with madvise MADV_DONTNEED; returns the bytes of mapping advised (0 where /proc or madvise is
     unavailable).
 
     OpenVINO reads an IR's weights, and a model-cache blob, through a memory map that the compiled model keeps
     open, so every page read while compiling stays in the process's RSS next to the compiled model's own copies
-    of the weights. A read-only file mapping can drop its pages at any time: a page still read later comes back
-    from the file (or the page cache) on first touch, unchanged."""
+    of the weights. A shared file mapping can drop its pages at any time: a page still read later comes back from
+    the file's page cache (or the file) on first touch, unchanged; an unlinked file's mapping too (" (deleted)")."""
     if not sys.platform.startswith("linux"):
         return 0
     targets = [os.path.realpath(p) for p in paths if p]
@@ -55,9 +55,10 @@ def drop_mapped_pages(*paths: Path | str) -> int:
     total = 0
     for line in lines:
         parts = line.split(maxsplit=5)
-        if len(parts) < 6 or parts[1] != "r--s":  # read-only shared file mappings only: nothing there is dirty
-            continue
-        if any(parts[5] == t or parts[5].startswith(t + os.sep) for t in targets):
+        if len(parts) < 6 or parts[1] not in ("r--s", "rw-s"):  # shared file mappings: a page dropped stays in the
+            continue  # file's page cache, dirty or not, and comes back from it
+        name = parts[5].removesuffix(" (deleted)")  # a file unlinked once mapped (runtime.lora_fuse's)
+        if any(name == t or name.startswith(t + os.sep) for t in targets):
             start, end = (int(x, 16) for x in parts[0].split("-"))
             if madvise(start, end - start, _MADV_DONTNEED) == 0:
                 total += end - start
@@ -242,7 +243,8 @@ class OVModel:
                 models = derive(model)
                 del model
                 cache = self.config.get("CACHE_DIR", self.core.get_property("CACHE_DIR"))
-                with _DropPagesWhile(self.xml.with_suffix(".bin"), cache):
+                spilled = self.lora.spilled if self.lora is not None else ()  # fused LoRA weights, file-mapped
+                with _DropPagesWhile(self.xml.with_suffix(".bin"), cache, *spilled):
                     compiled = {n: model_cache.compile_model(self.core, m, self.device, self.config)
                                 for n, m in models.items()}  # fmt: skip
                     del models

@@ -191,3 +191,35 @@ def test_fuse_refuses_compressed_weights():
         check_fusable(model, table, ["blk.proj"], "the UNet")
     with pytest.raises(RuntimeInputError, match="blk.proj has a compressed weight"):
         fuse(model, table, {"blk.proj": [(_layer(np.random.default_rng(1), 6, 5, 2), 1.0)]})
+
+
+def test_fused_weights_are_file_mapped(tmp_path):
+    """With a spill folder the fused weights are written there and read back through a map of the file, which is
+    unlinked at once (nothing left behind); the map's pages can be dropped after the compile (OpenVINO's compiled
+    model may keep the constants it was compiled from) and read back: the model still computes the fused layer."""
+    from runtime.lora import targets
+    from runtime.lora_fuse import fuse
+    from runtime.ov_model import drop_mapped_pages
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((512, 256)).astype(np.float16)
+
+    def build(weight):
+        x = ops.parameter([4, 256], np.float32, name="x")
+        lin = ops.matmul(x, ops.convert(ops.constant(weight), "f32"), False, True)
+        lin.set_friendly_name("__module.model.blk.proj/ov_ext::linear/MatMul")
+        return ov.Model([lin], [x])
+
+    model, layer = build(w), _layer(rng, 512, 256, 8)
+    spilled = []
+    fuse(model, targets(model, "unet"), {"blk.proj": [(layer, 0.5)]}, tmp_path, spilled)
+    assert list(tmp_path.iterdir()) == [] and len(spilled) == 1 and spilled[0].startswith(str(tmp_path))
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    compiled = ov.Core().compile_model(model, "CPU", f32)
+    x = rng.standard_normal((4, 256)).astype(np.float32)
+    want = ov.Core().compile_model(build((w + 0.5 * layer.up @ layer.down).astype(np.float16)), "CPU", f32)({"x": x})[0]
+    np.testing.assert_allclose(compiled({"x": x})[0], want, rtol=1e-5, atol=1e-4)
+    assert drop_mapped_pages(*spilled) >= w.nbytes  # the unlinked file's map (the model holds it), dropped
+    np.testing.assert_allclose(compiled({"x": x})[0], want, rtol=1e-5, atol=1e-4)
+    again = ov.Core().compile_model(model, "CPU", f32)  # its pages come back from the file where read again
+    np.testing.assert_allclose(again({"x": x})[0], want, rtol=1e-5, atol=1e-4)
