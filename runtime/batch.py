@@ -106,6 +106,8 @@ def _check_flags(args) -> None:
         raise RuntimeInputError("--preview is not written by a batch")
     if getattr(args, "outpaint", None) is not None:
         raise RuntimeInputError("--outpaint is not supported by a batch")
+    if args.fuse_lora and not args.lora:
+        raise RuntimeInputError("--fuse-lora needs --lora")
     for name in ("ray_actors", "ray_cpus_per_actor", "ray_timeout"):
         value = getattr(args, name)
         if value is not None and not value > 0:
@@ -123,6 +125,7 @@ def plan(args) -> tuple[list[dict], dict]:
     if args.refiner is not None:
         ModelInfo.load(args.refiner)
     settings["loras"] = _loras(getattr(args, "lora", None) or [])
+    settings["fuse_lora"] = bool(args.fuse_lora)
     base = _defaults(args)
     base_seed = base.pop("seed", 0)  # per line: its own, else --seed + its index
     names, aliases = _line_keys()
@@ -144,7 +147,8 @@ def plan(args) -> tuple[list[dict], dict]:
         except RuntimeInputError as e:
             raise LineError(f"{where}: {e}") from None
         same = ("model_dir", "refiner", "device", "precision", "loras")  # what else changes the image
-        key = json.dumps({"kwargs": kwargs, **{k: settings[k] for k in same}}, sort_keys=True)
+        fused = {"fuse_lora": True} if settings["fuse_lora"] else {}  # fused weights round otherwise in bf16
+        key = json.dumps({"kwargs": kwargs, **{k: settings[k] for k in same}, **fused}, sort_keys=True)
         name = f"{lineno:06d}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.png"
         jobs.append({"line": lineno, "name": name, "kwargs": kwargs})
     if not jobs:
@@ -231,6 +235,8 @@ def open_pipeline(settings: dict, threads: int | None = None):
         from runtime.lora_api import load_cli_loras
 
         load_cli_loras(pipe, settings["loras"])
+        if settings.get("fuse_lora"):
+            pipe.fuse_lora()
     return pipe
 
 

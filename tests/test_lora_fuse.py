@@ -144,3 +144,27 @@ def test_fuse_lora_with_deepcache(files):
     fused = pipe(deepcache_interval=2, **kw).latents
     np.testing.assert_allclose(fused, branches, atol=1e-4)
     assert np.abs(fused - pipe(**kw).latents).max() > 1e-3  # DeepCache's skips change the latents
+
+
+def test_batch_fuse_lora(files, tmp_path):
+    """runtime.batch --lora F --fuse-lora: every line's image fused, as Python's fuse_lora() makes it; without
+    --lora it is one line."""
+    from PIL import Image
+
+    from runtime.batch import main
+
+    paths, _ = files
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a cat"}\n')
+    args = ["--model", str(ov_dir("base")), "--prompts", str(prompts), "--steps", "2", "--height", "64", "--width",
+            "64", "--precision", "f32", "--seed", "3", "--cache-dir", ""]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "out"), "--lora", f"{paths['peft']}:0.8", "--fuse-lora"]) == 0
+    (png,) = (tmp_path / "out").glob("*.png")
+    pipe = _pipe("base")
+    pipe.load_lora_weights(paths["peft"], adapter_name="peft")
+    pipe.set_adapters("peft", adapter_weights=0.8)
+    pipe.fuse_lora()
+    want = pipe(prompt="a cat", num_inference_steps=2, height=64, width=64, seed=3, output_type="np").images[0]
+    with Image.open(png) as im:
+        assert np.array_equal(np.asarray(im), want)
+    assert main([*args, "--out", str(tmp_path / "bad"), "--fuse-lora"]) == 2
