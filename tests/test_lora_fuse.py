@@ -10,21 +10,21 @@ import pytest
 from runtime.errors import RuntimeInputError
 from tests import cli, parity
 from tests.models import ov_dir
-from tests.test_lora import _fresh_pipe, _random_lora, _save_kohya, _save_peft
-from tests.test_lora_runtime import ALL, _diffusers, _ours, _pipe
+from tests.test_lora_runtime import _diffusers, _ours, _pipe, two_loras
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A PEFT file (UNet + both text encoders, 3x3 convs) and a kohya one, and diffusers' pipeline with both."""
-    d = tmp_path_factory.mktemp("lora-fuse")
-    ref = _fresh_pipe("base")
-    out = {"peft": _save_peft(_random_lora(ref, ALL, seed=21), d / "peft.safetensors"),
-           "kohya": _save_kohya(_random_lora(ref, ALL, seed=22), d / "kohya.safetensors",
-                                ref.unet.config.layers_per_block)}  # fmt: skip
-    for name, path in out.items():
-        ref.load_lora_weights(str(path), adapter_name=name)
-    return out, ref
+    return two_loras(tmp_path_factory.mktemp("lora-fuse"), seed=21)
+
+
+def _fused_image(path, weight: float, seed: int) -> np.ndarray:
+    """Python's fuse_lora() of one adapter at `weight`: a 64x64 "a cat", 2 steps."""
+    pipe = _pipe("base")
+    pipe.load_lora_weights(path, adapter_name="a")
+    pipe.set_adapters("a", adapter_weights=weight)
+    pipe.fuse_lora()
+    return pipe(prompt="a cat", num_inference_steps=2, height=64, width=64, seed=seed, output_type="np").images[0]
 
 
 def _variants(model) -> list[str]:
@@ -109,11 +109,7 @@ def test_cli_fuse_lora(files, tmp_path):
     assert proc.returncode == 0, proc.stderr
     params = read_png_parameters(out)
     assert params["loras"][0]["fused"] is True and "--fuse-lora" in png_flags(params)
-    pipe = _pipe("base")
-    pipe.load_lora_weights(paths["peft"], adapter_name="peft")
-    pipe.set_adapters("peft", adapter_weights=0.8)
-    pipe.fuse_lora()
-    want = pipe(prompt="a cat", num_inference_steps=2, height=64, width=64, seed=3, output_type="np").images[0]
+    want = _fused_image(paths["peft"], 0.8, seed=3)
     with Image.open(out) as im:
         assert np.array_equal(np.asarray(im), want)
     proc = cli.run("runtime.generate", *args[:-2], "--fuse-lora", "--output", tmp_path / "x.png")
@@ -160,11 +156,7 @@ def test_batch_fuse_lora(files, tmp_path):
             "64", "--precision", "f32", "--seed", "3", "--cache-dir", ""]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "out"), "--lora", f"{paths['peft']}:0.8", "--fuse-lora"]) == 0
     (png,) = (tmp_path / "out").glob("*.png")
-    pipe = _pipe("base")
-    pipe.load_lora_weights(paths["peft"], adapter_name="peft")
-    pipe.set_adapters("peft", adapter_weights=0.8)
-    pipe.fuse_lora()
-    want = pipe(prompt="a cat", num_inference_steps=2, height=64, width=64, seed=3, output_type="np").images[0]
+    want = _fused_image(paths["peft"], 0.8, seed=3)
     with Image.open(png) as im:
         assert np.array_equal(np.asarray(im), want)
     assert main([*args, "--out", str(tmp_path / "bad"), "--fuse-lora"]) == 2

@@ -42,18 +42,21 @@ def _pipe(kind):
     return SDXLPipeline(ov_dir(kind), precision="f32", cache_dir=None)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def two_loras(d, seed: int):
     """Two LoRA files for the tiny SDXL (PEFT keys with metadata, all layers incl. 3x3 convs, UNet + both text
     encoders; kohya keys in SGM spelling with alphas) and diffusers' pipeline with both loaded, unfused."""
-    d = tmp_path_factory.mktemp("lora-runtime")
     ref = _fresh_pipe("base")
-    files = {"peft": _save_peft(_random_lora(ref, ALL, seed=11), d / "peft.safetensors"),
-             "kohya": _save_kohya(_random_lora(ref, ALL, seed=12), d / "kohya.safetensors",
+    files = {"peft": _save_peft(_random_lora(ref, ALL, seed=seed), d / "peft.safetensors"),
+             "kohya": _save_kohya(_random_lora(ref, ALL, seed=seed + 1), d / "kohya.safetensors",
                                   ref.unet.config.layers_per_block)}  # fmt: skip
     for name, path in files.items():
         ref.load_lora_weights(str(path), adapter_name=name)
     return files, ref
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return two_loras(tmp_path_factory.mktemp("lora-runtime"), seed=11)
 
 
 @pytest.fixture(scope="module")
