@@ -267,9 +267,20 @@ def graft(model: ov.Model, table: dict, modules: list[str], conv_rank: dict[str,
         params += [a, b, scale]
         if pt != et:
             a, b = ov.opset13.convert(a, et), ov.opset13.convert(b, et)
+        split = _split_after(consumers) if kind == "linear" else None
         if kind == "linear":
             down = ov.opset13.matmul(x, a, False, True, name=f"lora.{n}.down")
             down = ov.opset13.multiply(down, scale)
+            if split is not None:  # GEGLU: each half's branch added after the split, inside GEGLU's subgraph
+                lengths = split.input(2).get_source_output()  # GEGLU's halves: B's rows alike
+                parts = ov.opset13.variadic_split(b, ov.opset13.constant(np.int64(0)), lengths)
+                for i in range(2):
+                    targets_i = list(split.output(i).get_target_inputs())
+                    up = ov.opset13.matmul(down, parts.output(i), False, True, name=f"lora.{n}.up{i}")
+                    added = ov.opset13.add(split.output(i), up, name=f"lora.{n}.add{i}")
+                    for target in targets_i:
+                        target.replace_source_output(added.output(0))
+                continue
             branch = ov.opset13.matmul(down, b, False, True, name=f"lora.{n}.up")
         else:
             at = node.get_attributes()
@@ -277,16 +288,6 @@ def graft(model: ov.Model, table: dict, modules: list[str], conv_rank: dict[str,
                                           at["auto_pad"])  # fmt: skip
             per_channel = ov.opset13.reshape(scale, ov.opset13.constant(np.array([1, -1, 1, 1], np.int64)), False)
             branch = ov.opset13.convolution(ov.opset13.multiply(down, per_channel), b, [1, 1], [0, 0], [0, 0], [1, 1])
-        split = _split_after(consumers) if kind == "linear" else None
-        if split is not None:
-            parts = ov.opset13.variadic_split(b, ov.opset13.constant(np.int64(0)), split.input(2).get_source_output())
-            for i in range(2):
-                targets_i = list(split.output(i).get_target_inputs())
-                up = ov.opset13.matmul(down, parts.output(i), False, True, name=f"lora.{n}.up{i}")
-                added = ov.opset13.add(split.output(i), up, name=f"lora.{n}.add{i}")
-                for target in targets_i:
-                    target.replace_source_output(added.output(0))
-            continue
         added = ov.opset13.add(anchor.output(0), branch, name=f"lora.{n}.add")
         for target in consumers:
             target.replace_source_output(added.output(0))
