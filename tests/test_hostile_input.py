@@ -271,7 +271,9 @@ def test_ctrl_c_exits_130_without_leftovers(tiny, tmp_path):
            "--output", str(out)]  # fmt: skip
     # the progress bar is drawn on a terminal only: give the child one for stderr, send SIGINT once it counts steps
     master, slave = pty.openpty()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    # SIGINT at its default in the child: a test run started in a shell's background ignores it, and so would Python
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     os.close(slave)
     seen, sent, deadline = b"", False, time.monotonic() + 120
     try:
