@@ -83,7 +83,7 @@ def _ir_lora(folder: Path, path: Path, rank: int, seed: int) -> Path:
     import openvino as ov
     from safetensors.numpy import save_file
 
-    from runtime.lora import targets
+    from runtime.lora_layers import targets
 
     table = targets(ov.Core().read_model(folder / "unet" / "openvino_model.xml"), "unet")
     rng, sd = np.random.default_rng(seed), {}

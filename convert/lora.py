@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 from convert.errors import ConvertError
 
 # the file formats (keys, roles, SGM names) are the runtime's: one reading of a LoRA file for both
-from runtime.lora import _to_sgm
 from runtime.lora_files import COMPONENTS, _classify
+from runtime.lora_layers import _to_sgm
 
 if TYPE_CHECKING:
     import torch

@@ -16,7 +16,8 @@ def test_graft_on_compressed_weights():
     """int8/int4 folders: the branch reads a layer's input and adds to its output, the decompressed weight
     (u8 constant -> Convert -> Subtract -> Multiply, as NNCF writes it) untouched; equals the fused weight
     W + B @ A for a Linear and a strided, padded 3x3 convolution (LoCon)."""
-    from runtime.lora import graft, targets
+    from runtime.lora import graft
+    from runtime.lora_layers import targets
 
     rng = np.random.default_rng(0)
 
@@ -81,7 +82,8 @@ def test_graft_adds_a_geglu_projections_branch_after_its_split():
     """GEGLU's projection (ff.net.0.proj) is split in two halves right after it: each half's branch (B's rows
     split alike) is added after the split, where the add joins GEGLU's element-wise subgraph; equals the fused
     weight W + B @ diag(s) @ A."""
-    from runtime.lora import graft, targets
+    from runtime.lora import graft
+    from runtime.lora_layers import targets
 
     rng = np.random.default_rng(1)
     w, bias = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
@@ -124,8 +126,8 @@ def test_fuse_bakes_the_adapters_into_the_weights():
     """fuse_lora's graph surgery: each layer's weight constant becomes W + sum of scale x B @ A (two adapters, a
     strided 3x3 convolution with a LoCon pair, a Linear stored [out, in] in fp16 and one stored [in, out] in f32),
     in the constant's own type; equals the weights fused in numpy."""
-    from runtime.lora import targets
     from runtime.lora_fuse import fuse, weight_constant
+    from runtime.lora_layers import targets
 
     rng = np.random.default_rng(2)
     wc = rng.standard_normal((4, 3, 3, 3)).astype(np.float16)
@@ -177,8 +179,8 @@ def test_fuse_bakes_the_adapters_into_the_weights():
 def test_fuse_refuses_compressed_weights():
     """A weight-compressed layer (int8: u8 constant -> Convert -> Subtract -> Multiply) has no float constant to
     fuse into: one line naming the layer; its adapters run as branches instead."""
-    from runtime.lora import targets
     from runtime.lora_fuse import check_fusable, fuse
+    from runtime.lora_layers import targets
 
     q = ops.constant(np.random.default_rng(0).integers(0, 255, (6, 5)).astype(np.uint8))
     w = ops.multiply(ops.subtract(ops.convert(q, "f32"), ops.constant(np.float32(128))), ops.constant(np.float32(0.01)))
@@ -197,8 +199,8 @@ def test_fused_weights_are_file_mapped(tmp_path):
     """With a spill folder the fused weights are written there and read back through a map of the file, which is
     unlinked at once (nothing left behind); the map's pages can be dropped after the compile (OpenVINO's compiled
     model may keep the constants it was compiled from) and read back: the model still computes the fused layer."""
-    from runtime.lora import targets
     from runtime.lora_fuse import fuse
+    from runtime.lora_layers import targets
     from runtime.ov_model import drop_mapped_pages
 
     rng = np.random.default_rng(3)
