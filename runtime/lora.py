@@ -19,9 +19,10 @@ Design (measured, see README "LoRA at run time" and the figures in the issue's r
 - Switching adapters (set_adapters, weights, disable/enable) only sets those inputs' tensors: several adapters
   are concatenated along the rank, each one's alpha/rank x adapter weight in its columns of the scale, so the
   branch is exactly peft's sum over active adapters of lora_B(lora_A(x)) * scaling (ref: peft
-  tuners.lora.layer.Linear.forward / Conv2d.forward, unmerged). A grafted layer no active adapter targets gets a
-  rank-1 zero pair. No recompilation: the tensors are shared (numpy buffers, no copy) by every infer request.
-  Adapters disabled or none active: zero tensors on the same compiled model (x + 0: the plain model's output),
+  tuners.lora.layer.Linear.forward / Conv2d.forward, unmerged). A grafted Linear layer no active adapter targets
+  gets rank 0: empty A and B, whose MatMuls compute nothing. No recompilation: the tensors are shared (numpy
+  buffers, no copy) by every infer request.
+  Adapters disabled or none active: rank 0 on the same compiled model (x + 0: the plain model's output),
   whose plain compiled twin is dropped when it compiles: one compiled copy of the weights, not two.
 - A file targeting a layer not grafted yet makes the next generation compile the model once more (the union of
   the loaded adapters' layers; LoRAs of a model family target the same layers, so in practice once).
@@ -39,7 +40,9 @@ conversion (the branches: +5.8 % FLOPs at about a third of the layers' efficienc
 run so even with A and B as constants, in a 12-layer test), 0.78x openvino.genai's run-time adapter;
 set_adapters 0.1 s against a 14 s cold UNet compile; 0.98 GiB RSS per loaded adapter (A and B in float32; 0.28-0.34
 GiB and a 0.014 s switch with float16 A and B and the scale as an input, RESULTS.md). With A and B in bf16 and GEGLU's
-add after its split: the branches 8.9 % of a call's node time; calls 0.83-1.17x the same LoRA fused (RESULTS.md).
+add after its split: the branches 8-9 % of a call's node time; calls 1.07-1.17x the same LoRA fused at conversion
+measured in ways that cancel the up-to-9 % between two compiled copies of one graph, 1.02-1.04x the same branches
+fed rank 0: their cost is mostly their passes over the layers' outputs, not their FLOPs (RESULTS.md).
 On the mid-size model the first generation after the first load compiles the variant (5.5 s with the text
 encoders and two steps).
 The branch is added after the layer's bias Add, so that MatMul/Convolution + bias stay one fused op (measured 0.185 vs
@@ -298,13 +301,14 @@ class ModelAdapters:
                         ups.append(_fed(layer, "up", self.dtype))
                         scales.append(np.full(layer.rank, layer.scaling * weight, np.float32))
                 shape = self.modules.table[module][2]
-                # a dynamic-rank layer no active adapter targets: a rank-1 zero pair; a static one: zeros to its rank
+                # a dynamic-rank layer no active adapter targets: rank 0 (empty A and B: the branch's MatMuls have
+                # nothing to compute, its add adds zeros); a static one: zeros to its rank
                 if module in self.conv_rank:
                     pad = self.conv_rank[module] - sum(map(len, downs))
                 else:
-                    pad = 0 if downs else 1
+                    pad = 0
                 store = _storage(self.dtype)
-                if pad:
+                if pad or not downs:
                     downs.append(np.zeros((pad, *shape[1:]), store))  # zero bits: +0.0 in every type
                     ups.append(np.zeros((shape[0], pad, *[1] * (len(shape) - 2)), store))
                     scales.append(np.zeros(pad, np.float32))
