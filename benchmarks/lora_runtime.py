@@ -6,8 +6,8 @@ python -m benchmarks.lora_runtime --folder DIR [--fused DIR] [--lora F --lora F]
     a converted folder (e.g. real-size random weights): load / switch / compile / RSS figures, then the
     configurations in turn, one compiled UNet at a time, interleaved for --rounds rounds;
 python -m benchmarks.lora_runtime --folder DIR --fused DIR --lora F --compare A,B[,C...] [--genai-lora F] ...
-    configurations kept compiled and alternated generation by generation (A B, B A, ...): the form that
-    survives this machine's changes of speed best.
+    configurations kept compiled and alternated generation by generation (A B, B A, ...), or call by call
+    (--unet-calls): the form that survives this machine's changes of speed best; NAME#2 is an A/A control.
 
 Per-UNet-call medians of a generation (denoiser.call_seconds, first call dropped; openvino.genai: its own
 timers, the mean of the calls after the first). Configurations:
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -174,70 +175,6 @@ def _folder_mode(a) -> int:
     return 0
 
 
-def _pair_mode(a) -> int:
-    """--compare A,B[,C...] (of plain, active, fused, fuse_lora, genai-plain, genai-active; fuse_lora: the LoRA
-    fused at run time): all kept compiled, then --rounds rounds of one generation of --steps steps each, in an
-    order reversed every round (A, B, B, A, ...: call-level neighbours, so that the machine's speed changes fall on
-    all); per generation the median UNet call after the first; each one's ratio to the last as the median of the
-    per-round ratios and as the ratio of medians."""
-    from benchmarks.machine import matmul_gflops
-    from runtime.pipeline import SDXLPipeline
-
-    def ours(folder, lora=None, fuse=False):
-        pipe = SDXLPipeline(folder, precision=a.precision, cache_dir=None)
-        if lora is not None:
-            pipe.load_lora_weights(lora, adapter_name="a")
-        if fuse:
-            pipe.fuse_lora()
-        t = time.perf_counter()
-        _unet_calls(pipe, a.size, 2)  # compiles
-        print(f"  first generation (2 steps, compiles): {time.perf_counter() - t:.1f} s", flush=True)
-        return lambda: _unet_calls(pipe, a.size, a.steps)
-
-    def genai(lora=None):
-        import openvino_genai as og
-
-        extra = {"adapters": og.AdapterConfig(og.Adapter(str(lora)), 1.0)} if lora else {}
-        gp = og.Text2ImagePipeline(str(a.fused or a.folder))
-        gp.reshape(1, a.size, a.size, 5.0)
-        gp.compile("CPU", INFERENCE_PRECISION_HINT=a.precision, **extra)
-        kw = dict(height=a.size, width=a.size, guidance_scale=5.0, **extra)
-
-        def step():
-            gp.generate("a lighthouse", num_inference_steps=a.steps, **kw)
-            return gp.get_performance_metrics().get_first_and_other_unet_infer_duration()[1] / 1000  # ms -> s
-
-        step()
-        return step
-
-    lora = (a.lora or [None])[0]
-    make = {"plain": lambda: ours(a.folder), "active": lambda: ours(a.folder, lora),
-            "fused": lambda: ours(a.fused), "fuse_lora": lambda: ours(a.folder, lora, fuse=True),
-            "genai-plain": lambda: genai(),
-            "genai-active": lambda: genai(a.genai_lora)}  # fmt: skip
-    names = a.compare.split(",")
-    if len(names) < 2 or len(set(names)) != len(names) or not set(names) <= set(make):
-        raise SystemExit(f"--compare A,B[,C...]: two or more of {', '.join(make)}")
-    mm = matmul_gflops(2048)
-    print(f"MatMul 2048^3: {mm['openvino_bf16']:.0f} bf16 / {mm['openvino_f32']:.0f} f32 GFLOP/s (OpenVINO)")
-    run = {n: make[n]() for n in names}
-    print(f"all compiled, RSS {_rss() / 2**30:.2f} GiB", flush=True)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(a.rounds):
-        for n in names if r % 2 == 0 else reversed(names):
-            times[n].append(run[n]())
-        print(f"round {r + 1}: " + "  ".join(f"{n} {times[n][-1]:.3f} s" for n in names), flush=True)
-    y = names[-1]
-    print("median UNet call: " + ", ".join(f"{n} {statistics.median(times[n]):.3f} s" for n in names))
-    for x in names[:-1]:
-        ratios = [p / q for p, q in zip(times[x], times[y], strict=True)]
-        print(f"{x} / {y}: ratio of medians {statistics.median(times[x]) / statistics.median(times[y]):.3f}, "
-              f"median of per-round ratios {statistics.median(ratios):.3f} (min {min(ratios):.3f}, "
-              f"max {max(ratios):.3f})")  # fmt: skip
-    print(f"peak RSS {_peak_rss() / 2**30:.2f} GiB")
-    return 0
-
-
 def _peak_rss() -> int:
     import resource
 
@@ -305,13 +242,31 @@ def main(argv=None) -> int:
     )
     p.add_argument("--genai-lora", type=Path, default=None, help="the first LoRA in kohya keys, for openvino.genai")
     p.add_argument("--compare", default=None, metavar="A,B[,C...]",
-                   help="with --folder: two or more of plain, active, fused, fuse_lora, genai-plain, genai-active, "
+                   help="with --folder: two or more of plain, active, disabled, fused, fuse_lora, genai-plain, "
+                   "genai-active, "
                    "all kept compiled, alternated for --rounds rounds")  # fmt: skip
+    p.add_argument("--unet-calls", action="store_true",
+                   help="with --compare: alternate single UNet calls (same inputs) instead of generations: "
+                   "neighbours seconds apart, for this machine's changes of speed")  # fmt: skip
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --compare: K rounds of one process per configuration (alternated, each compiles its "
+        "own and times --rounds single UNet calls): the figure two compiled copies' placement cannot bias",
+    )
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a --processes child
     p.add_argument("--genai", action="store_true", help="also openvino.genai's run-time adapter (an i64 folder)")
     a = p.parse_args(argv)
+    a.argv = list(argv) if argv is not None else sys.argv[1:]
+    if a.processes and any(n.startswith("genai") for n in (a.compare or "").split(",")):
+        raise SystemExit("--processes: our pipelines only (openvino.genai's calls are timed by generations)")
 
     if a.folder is not None and a.compare:
-        return _pair_mode(a)
+        from benchmarks.lora_compare import pair_mode
+
+        return pair_mode(a)
     if a.folder is not None:
         return _folder_mode(a)
     from convert.pipeline import convert_pipeline

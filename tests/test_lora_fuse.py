@@ -129,6 +129,32 @@ def test_benchmark_compare_runs(files):
         assert f"{name} / plain: ratio of medians" in proc.stdout, proc.stdout
 
 
+def test_benchmark_compare_unet_calls(files):
+    """--unet-calls alternates single UNet calls, NAME#2 builds a configuration again (an A/A control); openvino.
+    genai's configurations are refused there in one line."""
+    paths, _ = files
+    args = ["--folder", ov_dir("base"), "--lora", paths["peft"], "--size", "64", "--rounds", "3", "--precision",
+            "f32", "--unet-calls"]  # fmt: skip
+    proc = cli.run("benchmarks.lora_runtime", *args, "--compare", "active,active#2,plain")
+    assert proc.returncode == 0, proc.stderr
+    assert "active#2 / plain: ratio of medians" in proc.stdout, proc.stdout
+    assert sum(line.startswith("round ") for line in proc.stdout.splitlines()) == 3, proc.stdout
+    proc = cli.run("benchmarks.lora_runtime", *args, "--compare", "active,genai-plain")
+    assert proc.returncode != 0 and "--unet-calls: our pipelines only" in proc.stderr, proc.stderr
+
+
+def test_benchmark_compare_processes(files):
+    """--processes K: each configuration timed in processes of its own (K rounds, alternated), disabled_lora()'s
+    configuration among them."""
+    paths, _ = files
+    args = ["--folder", ov_dir("base"), "--lora", paths["peft"], "--size", "64", "--rounds", "2", "--precision",
+            "f32", "--compare", "disabled,plain", "--processes", "2"]  # fmt: skip
+    proc = cli.run("benchmarks.lora_runtime", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert sum(line.startswith("process round ") for line in proc.stdout.splitlines()) == 2, proc.stdout
+    assert "disabled / plain: ratio of medians" in proc.stdout, proc.stdout
+
+
 def test_fuse_lora_with_deepcache(files):
     """DeepCache's full and shallow UNets (derived models) are fused alike: the image of the branches."""
     paths, _ = files
