@@ -37,7 +37,14 @@ FAST: dict[str, str | set[str]] = {
 XDIST_GROUPS = {"test_batch.py": "ray", "test_serve_ray.py": "ray"}
 
 
+# The modules that take longest (from `--durations` on a fresh clone) are handed out first, so that neither worker
+# is left alone with a long module at the end.
+FIRST = ("test_quantize.py", "test_lora.py", "test_vae.py", "test_convert.py", "test_batch.py", "test_serve_ray.py",
+         "test_python_versions.py", "test_inpaint.py", "test_single_file.py", "test_conditioning.py")  # fmt: skip
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))  # stable
     for item in items:
         item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(item.path.name, item.path.name)))
         fast = FAST.get(item.path.name)
