@@ -80,8 +80,9 @@ def pair_mode(a) -> int:
         step()
         return step
 
-    if a.unet_calls and any(n.startswith("genai") for n in a.compare.split(",")):
-        raise SystemExit("--unet-calls: our pipelines only (openvino.genai's calls are timed by generations)")
+    if (a.unet_calls or a.processes) and any(n.startswith("genai") for n in a.compare.split(",")):
+        flag = "--unet-calls" if a.unet_calls else "--processes"
+        raise SystemExit(f"{flag}: our pipelines only (openvino.genai's calls are timed by generations)")
     lora = (a.lora or [None])[0]
     built: dict[str, tuple] = {}
     make = {"plain": lambda: ours(a.folder), "active": lambda: ours(a.folder, lora), "disabled": disabled,

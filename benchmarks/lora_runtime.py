@@ -243,8 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--genai-lora", type=Path, default=None, help="the first LoRA in kohya keys, for openvino.genai")
     p.add_argument("--compare", default=None, metavar="A,B[,C...]",
                    help="with --folder: two or more of plain, active, disabled, fused, fuse_lora, genai-plain, "
-                   "genai-active, "
-                   "all kept compiled, alternated for --rounds rounds")  # fmt: skip
+                   "genai-active, all kept compiled, alternated for --rounds rounds")  # fmt: skip
     p.add_argument("--unet-calls", action="store_true",
                    help="with --compare: alternate single UNet calls (same inputs) instead of generations: "
                    "neighbours seconds apart, for this machine's changes of speed")  # fmt: skip
@@ -260,8 +259,6 @@ def main(argv=None) -> int:
     p.add_argument("--genai", action="store_true", help="also openvino.genai's run-time adapter (an i64 folder)")
     a = p.parse_args(argv)
     a.argv = list(argv) if argv is not None else sys.argv[1:]
-    if a.processes and any(n.startswith("genai") for n in (a.compare or "").split(",")):
-        raise SystemExit("--processes: our pipelines only (openvino.genai's calls are timed by generations)")
 
     if a.folder is not None and a.compare:
         from benchmarks.lora_compare import pair_mode
